@@ -1,0 +1,255 @@
+"""Filter policies: magnitudes (and timesteps) of a global batch in, a keep mask out.
+
+Every policy sees the *global* batch (the training loop gathers magnitudes from all ranks first), so
+all ranks take the same decisions from the same numbers. Stateful policies judge a batch against
+statistics of the batches *before* it, then add the batch to those statistics; their state is a few
+tensors that go into every checkpoint, so that a resumed run decides exactly as an uninterrupted one.
+
+Why robust statistics: memorized samples have large magnitudes and, when heavily duplicated, make up
+a large share of the draws. A mean + k*std threshold is dragged up by the very samples it should
+catch (DESIGN.md, "What a probe here showed"); median + k*MAD or a low quantile is not, as long as
+the memorized samples stay under half of the population.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAD_TO_STD = 1.4826  # MAD * 1.4826 estimates the std of a normal distribution
+
+
+class FilterPolicy:
+    """Base class. Subclasses implement `_decide`; `decide` handles eligibility and bookkeeping."""
+
+    name = "base"
+
+    def decide(self, magnitudes: torch.Tensor, timesteps: torch.Tensor | None = None,
+               eligible: torch.Tensor | None = None) -> torch.Tensor:
+        """Keep mask for one global batch.
+
+        Args:
+            magnitudes: [N] float32 magnitudes of the global batch.
+            timesteps: [N] integer timesteps (used by timestep-aware policies).
+            eligible: [N] bool, samples the policy judges; the others (e.g. samples whose caption was
+                dropped for classifier-free guidance, whose magnitude is 0 by construction) are kept
+                and do not enter the statistics. Default: all eligible.
+        Returns:
+            [N] bool, True = the sample stays in the loss.
+        """
+        m = magnitudes.detach().float().cpu()
+        t = None if timesteps is None else timesteps.detach().long().cpu()
+        elig = torch.ones_like(m, dtype=torch.bool) if eligible is None else eligible.detach().bool().cpu()
+        keep = torch.ones_like(m, dtype=torch.bool)
+        if elig.any():
+            keep[elig] = self._decide(m[elig], None if t is None else t[elig])
+        return keep.to(magnitudes.device)
+
+    def _decide(self, m: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def thresholds(self) -> dict[str, float]:
+        """Current thresholds, for logging (empty when the policy has none)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class NoFilter(FilterPolicy):
+    """Keeps everything: the baseline."""
+
+    name = "none"
+
+    def _decide(self, m, t):
+        return torch.ones_like(m, dtype=torch.bool)
+
+
+@dataclass
+class FixedThreshold(FilterPolicy):
+    """Drops samples with m > threshold (Wen et al. used 2.0 for SD v1.4 at 512 px).
+
+    Args:
+        threshold: magnitude above which a sample is dropped. No default: it depends on the model,
+            the resolution and the timestep distribution, so it must be chosen for the setup.
+    """
+
+    threshold: float
+    name = "fixed"
+
+    def _decide(self, m, t):
+        return m <= self.threshold
+
+    def thresholds(self):
+        return {"threshold": float(self.threshold)}
+
+
+@dataclass
+class BatchQuantile(FilterPolicy):
+    """Drops the `drop_fraction` largest magnitudes of every global batch.
+
+    Args:
+        drop_fraction: share of each batch to drop, in [0, 1). round(drop_fraction * N) samples
+            go; ties are broken by position, so the decision is deterministic. Default 0.1.
+    """
+
+    drop_fraction: float = 0.1
+    name = "batch_quantile"
+
+    def _decide(self, m, t):
+        n_drop = int(round(self.drop_fraction * m.numel()))
+        keep = torch.ones_like(m, dtype=torch.bool)
+        if n_drop > 0:
+            order = torch.sort(m, descending=True, stable=True).indices
+            keep[order[:n_drop]] = False
+        return keep
+
+
+class _Window:
+    """The last `size` values seen, as a plain tensor (easy to save, exact to restore)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.values = torch.empty(0)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.values = torch.cat([self.values, x.float()])[-self.size:]
+
+    def __len__(self) -> int:
+        return self.values.numel()
+
+
+def _robust_threshold(values: torch.Tensor, statistic: str, k: float, quantile: float) -> float:
+    if statistic == "median_mad":
+        med = values.median()
+        mad = (values - med).abs().median()
+        return float(med + k * MAD_TO_STD * mad)
+    if statistic == "quantile":
+        return float(torch.quantile(values, quantile))
+    if statistic == "mean_std":  # not robust; kept to show why (see module docstring)
+        return float(values.mean() + k * values.std(unbiased=False))
+    raise ValueError(f"statistic={statistic!r}: expected median_mad, quantile or mean_std")
+
+
+@dataclass
+class RunningQuantile(FilterPolicy):
+    """Threshold = a quantile of the magnitudes of the last `window` judged samples.
+
+    Args:
+        quantile: the quantile used as threshold (0.9 drops about the top 10%). Default 0.9.
+        window: how many past magnitudes the estimate uses. Default 4096.
+        warmup: keep everything until this many magnitudes have been seen. Default 256.
+        update_with: "all" (every judged sample enters the window) or "kept" (only the kept ones,
+            so that dropped outliers never move the threshold). Default "all".
+    """
+
+    quantile: float = 0.9
+    window: int = 4096
+    warmup: int = 256
+    update_with: str = "all"
+    name = "running_quantile"
+
+    def __post_init__(self):
+        self._win = _Window(self.window)
+        self._threshold = math.inf
+
+    def _decide(self, m, t):
+        active = len(self._win) >= self.warmup
+        self._threshold = float(torch.quantile(self._win.values, self.quantile)) if active else math.inf
+        keep = m <= self._threshold
+        self._win.add(m if self.update_with == "all" else m[keep])
+        return keep
+
+    def thresholds(self):
+        return {"threshold": self._threshold} if math.isfinite(self._threshold) else {}
+
+    def state_dict(self):
+        return {"values": self._win.values.clone(), "threshold": self._threshold}
+
+    def load_state_dict(self, state):
+        self._win.values = state["values"].clone().float()
+        self._threshold = float(state["threshold"])
+
+
+@dataclass
+class TimestepBucketed(FilterPolicy):
+    """Compares each magnitude with the running statistics of its timestep bucket.
+
+    m grows and shrinks with t by an order of magnitude, so one number cannot serve every timestep.
+    Timesteps [0, num_train_timesteps) are cut into `num_buckets` equal buckets, each with its own
+    window of past magnitudes and its own threshold.
+
+    Args:
+        num_buckets: number of equal timestep buckets. Default 10.
+        num_train_timesteps: the noise scheduler's num_train_timesteps. Default 1000.
+        statistic: "median_mad" (threshold = median + k * 1.4826 * MAD, robust; default),
+            "quantile" (threshold = the `quantile` of the window) or "mean_std" (mean + k * std,
+            not robust to a large memorized share; there for comparison).
+        k: multiplier for median_mad / mean_std. Default 3.0.
+        quantile: quantile for statistic="quantile". Default 0.9.
+        window: past magnitudes kept per bucket. Default 1024.
+        warmup: magnitudes a bucket must have seen before it filters. Default 64.
+        update_with: "all" or "kept" (see RunningQuantile). Default "all".
+    """
+
+    num_buckets: int = 10
+    num_train_timesteps: int = 1000
+    statistic: str = "median_mad"
+    k: float = 3.0
+    quantile: float = 0.9
+    window: int = 1024
+    warmup: int = 64
+    update_with: str = "all"
+    name = "timestep"
+
+    def __post_init__(self):
+        _robust_threshold(torch.ones(2), self.statistic, self.k, self.quantile)  # validate statistic
+        self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
+        self._thresholds = [math.inf] * self.num_buckets
+
+    def bucket_of(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
+
+    def _decide(self, m, t):
+        if t is None:
+            raise ValueError("the timestep policy needs the timesteps of the batch")
+        buckets = self.bucket_of(t)
+        keep = torch.ones_like(m, dtype=torch.bool)
+        for b in buckets.unique().tolist():          # thresholds from past batches only
+            win = self._wins[b]
+            self._thresholds[b] = (_robust_threshold(win.values, self.statistic, self.k, self.quantile)
+                                   if len(win) >= self.warmup else math.inf)
+            sel = buckets == b
+            keep[sel] = m[sel] <= self._thresholds[b]
+        for b in buckets.unique().tolist():
+            sel = buckets == b if self.update_with == "all" else (buckets == b) & keep
+            self._wins[b].add(m[sel])
+        return keep
+
+    def thresholds(self):
+        return {f"threshold/bucket{b}": v for b, v in enumerate(self._thresholds) if math.isfinite(v)}
+
+    def state_dict(self):
+        return {"values": [w.values.clone() for w in self._wins], "thresholds": list(self._thresholds)}
+
+    def load_state_dict(self, state):
+        if len(state["values"]) != self.num_buckets:
+            raise ValueError(f"checkpoint has {len(state['values'])} timestep buckets, "
+                             f"config filter.num_buckets={self.num_buckets}")
+        for w, v in zip(self._wins, state["values"]):
+            w.values = v.clone().float()
+        self._thresholds = [float(x) for x in state["thresholds"]]
+
+
+POLICIES = {cls.name: cls for cls in (NoFilter, FixedThreshold, BatchQuantile, RunningQuantile, TimestepBucketed)}
+
+
+def build_policy(name: str, **kwargs) -> FilterPolicy:
+    """Policy by name ("none", "fixed", "batch_quantile", "running_quantile", "timestep")."""
+    if name not in POLICIES:
+        raise ValueError(f"filter.name={name!r}: expected one of {sorted(POLICIES)}")
+    return POLICIES[name](**kwargs)

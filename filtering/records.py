@@ -1,0 +1,100 @@
+"""Per-sample score records: one row per sample per step, in Parquet, written by every rank.
+
+Schema (training and curation alike): step, rank, key, timestep, magnitude, kept, loss.
+Each rank appends to memory and flushes a part file `rank-<r>/part-<first>-<last>.parquet` named by
+the first and last step it holds. When a killed run resumes from checkpoint S, `truncate_after(S)`
+drops every row with step > S from that rank's parts, so the resumed run writes them again and
+the final set holds every (step, key) exactly once.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("step", pa.int64()),
+    ("rank", pa.int32()),
+    ("key", pa.string()),
+    ("timestep", pa.int32()),
+    ("magnitude", pa.float32()),
+    ("kept", pa.bool_()),
+    ("loss", pa.float32()),
+])
+_PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+
+
+class RecordWriter:
+    """Buffers records of one rank and writes them as Parquet parts.
+
+    Args:
+        root: the records folder of the run (e.g. <run_dir>/records).
+        rank: this process's rank.
+        flush_every: rows buffered before a part is written. Default 65536.
+    """
+
+    def __init__(self, root: str | os.PathLike, rank: int, flush_every: int = 65536):
+        self.dir = Path(root) / f"rank-{rank:05d}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.flush_every = flush_every
+        self._cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+
+    def append(self, step: int, keys, timesteps, magnitudes, kept, losses) -> None:
+        """Add one row per sample. Tensors or sequences of equal length [B]."""
+        keys = list(keys)
+        n = len(keys)
+        self._cols["step"] += [int(step)] * n
+        self._cols["rank"] += [self.rank] * n
+        self._cols["key"] += [str(k) for k in keys]
+        for name, vals in (("timestep", timesteps), ("magnitude", magnitudes), ("kept", kept), ("loss", losses)):
+            vals = vals.detach().cpu().tolist() if hasattr(vals, "detach") else list(vals)
+            if len(vals) != n:
+                raise ValueError(f"records: {name} has {len(vals)} values for {n} keys")
+            self._cols[name] += vals
+        if len(self._cols["step"]) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered rows as one part, atomically (write to .tmp, then rename)."""
+        steps = self._cols["step"]
+        if not steps:
+            return
+        path = self.dir / f"part-{steps[0]:010d}-{steps[-1]:010d}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(pa.table(self._cols, schema=SCHEMA), tmp)
+        os.replace(tmp, path)
+        self._cols = {name: [] for name in SCHEMA.names}
+
+    def truncate_after(self, step: int) -> int:
+        """Remove rows with step > `step` from this rank's parts (resume). Returns rows removed."""
+        removed = 0
+        for part in sorted(self.dir.glob("*.tmp")):
+            part.unlink()
+        for part in sorted(self.dir.glob("part-*.parquet")):
+            first, last = map(int, _PART.search(part.name).groups())
+            if last <= step:
+                continue
+            table = pq.read_table(part)
+            removed += table.num_rows
+            part.unlink()
+            if first <= step:
+                kept = table.filter(pc.less_equal(table["step"], step))
+                removed -= kept.num_rows
+                if kept.num_rows:
+                    last_kept = kept["step"][-1].as_py()
+                    pq.write_table(kept, self.dir / f"part-{first:010d}-{last_kept:010d}.parquet")
+        return removed
+
+
+def read_records(root: str | os.PathLike) -> pa.Table:
+    """All records under a records folder (every rank), sorted by step, rank."""
+    parts = sorted(Path(root).glob("rank-*/part-*.parquet"))
+    if not parts:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    return table.sort_by([("step", "ascending"), ("rank", "ascending")])

@@ -1,0 +1,100 @@
+"""Fine-tune Stable Diffusion with the memorization filter.
+
+    python launch/train.py                                   # the embedded default: tiny model, drawn data
+    accelerate launch launch/train.py filter=fixed filter.threshold=2.0 model.pretrained=<dir or hub id>
+    python launch/train.py output_dir=<run dir> resume_from_checkpoint=latest
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from launch.config_check import ConfigError, check_train_config  # noqa: E402
+
+log = logging.getLogger("memfilter")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Compose the objects of a training run from `cfg` and train. Returns the run summary."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
+
+    from launch.builders import build_components, build_dataset, build_filter, native_resolution
+    from train.loop import OptimArgs, TrainArgs, train
+    from train.tracking import NullTracker, WandbTracker
+
+    check_train_config(cfg, torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
+    # Every rank resolved output_dir (with its own clock); rank 0's value wins.
+    out = [str(cfg.output_dir)]
+    broadcast_object_list(out, from_process=0)
+    run_dir = Path(out[0]).resolve()
+    accelerator.project_configuration = ProjectConfiguration(project_dir=str(run_dir))
+    logging.getLogger("accelerate").setLevel(logging.WARNING)   # its per-file checkpoint lines
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+
+    components = build_components(cfg.model)
+    resolution = cfg.resolution or native_resolution(components)
+    OmegaConf.set_struct(cfg, False)
+    cfg.output_dir, cfg.resolution = str(run_dir), resolution
+    OmegaConf.set_struct(cfg, True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    accelerator.wait_for_everyone()
+
+    dataset = build_dataset(cfg.data, resolution)
+    policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    args = TrainArgs(**{k: v for k, v in resolved.items() if k in names}, lora_rank=cfg.model.lora.rank)
+    optim = OptimArgs(**resolved["optim"])
+    tracker = NullTracker()
+    if accelerator.is_main_process and cfg.logger.name == "wandb":
+        tracker = WandbTracker(run_dir, project=cfg.logger.project, entity=cfg.logger.entity, config=resolved,
+                               mode=cfg.logger.mode, tags=list(cfg.logger.tags))
+    log.info("run directory: %s (%d process(es), %s, filter=%s)", run_dir, accelerator.num_processes,
+             accelerator.device, policy.name)
+    try:
+        summary = train(accelerator, components, dataset, policy, args, optim, tracker, config=resolved)
+    finally:
+        tracker.finish()
+    if accelerator.is_main_process:
+        _print_summary(summary, run_dir)
+    return summary
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"memfilter run: {run_dir}", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"memfilter: invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

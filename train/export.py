@@ -1,0 +1,64 @@
+"""The end products of a run: validation images and the final pipeline (save_pretrained)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from train.models import Components, build_pipeline
+
+
+@torch.no_grad()
+def validation_images(components: Components, unet, prompts: list[str], *, num_images: int = 1,
+                      num_inference_steps: int = 20, guidance_scale: float = 7.5, resolution: int | None = None,
+                      seed: int = 0, device: torch.device | str = "cpu") -> list[tuple[str, int, object]]:
+    """Sample images for `prompts`; image j of prompt i uses seed + 1000 * i + j, so runs compare on equal noise.
+
+    Returns (prompt, j, PIL image) triples. The UNet is used as given (swap EMA weights in beforehand).
+    """
+    pipe = build_pipeline(components, unet).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i, prompt in enumerate(prompts):
+        gens = [torch.Generator(device="cpu").manual_seed(seed + 1000 * i + j) for j in range(num_images)]
+        images = pipe([prompt] * num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      height=resolution, width=resolution, generator=gens).images
+        out += [(prompt, j, im) for j, im in enumerate(images)]
+    return out
+
+
+def save_images(images: list[tuple[str, int, object]], folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    prompts = list(dict.fromkeys(p for p, _, _ in images))
+    for prompt, j, im in images:
+        path = folder / f"{prompts.index(prompt):03d}-{j:02d}.png"
+        im.save(path)
+        paths.append(path)
+    (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return paths
+
+
+def export_pipeline(components: Components, unet, out_dir: str | Path, lora: bool = False) -> Path:
+    """Save the final model as a full StableDiffusionPipeline (loadable by `from_pretrained`).
+
+    With LoRA, `pytorch_lora_weights.safetensors` goes to <out_dir>/../lora as diffusers writes it, and the
+    pipeline gets the adapters fused into a copy of the UNet, so it loads without peft.
+    """
+    out_dir = Path(out_dir)
+    if lora:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=out_dir.parent / "lora",
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            safe_serialization=True)
+        unet = copy.deepcopy(unet)
+        unet.fuse_lora()
+        unet.unload_lora()
+    build_pipeline(components, unet.to(torch.float32)).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
