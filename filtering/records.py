@@ -1,8 +1,8 @@
 """Per-sample score records: one row per sample per step, in Parquet, written by every rank.
 
 Schema (training and curation alike): step, rank, key, timestep, magnitude, kept, loss.
-Each rank appends to memory and flushes a part file `rank-<r>/part-<first>-<last>.parquet` named by
-the first and last step it holds. When a killed run resumes from checkpoint S, `truncate_after(S)`
+Each rank appends to memory and flushes a part file `rank-<r>/part-<first>-<last>-<seq>.parquet` named
+by the first and last step it holds and a sequence number (a step can span several parts). When a killed run resumes from checkpoint S, `truncate_after(S)`
 drops every row with step > S from that rank's parts, so the resumed run writes them again and
 the final set holds every (step, key) exactly once.
 """
@@ -25,7 +25,7 @@ SCHEMA = pa.schema([
     ("kept", pa.bool_()),
     ("loss", pa.float32()),
 ])
-_PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+_PART = re.compile(r"part-(\d+)-(\d+)-(\d+)\.parquet$")
 
 
 class RecordWriter:
@@ -43,6 +43,12 @@ class RecordWriter:
         self.rank = rank
         self.flush_every = flush_every
         self._cols: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self._seq = 1 + max((int(_PART.search(p.name).group(3)) for p in self.dir.glob("part-*.parquet")),
+                            default=-1)
+
+    def _part_path(self, first: int, last: int) -> Path:
+        self._seq += 1
+        return self.dir / f"part-{first:010d}-{last:010d}-{self._seq - 1:06d}.parquet"
 
     def append(self, step: int, keys, timesteps, magnitudes, kept, losses) -> None:
         """Add one row per sample. Tensors or sequences of equal length [B]."""
@@ -64,7 +70,7 @@ class RecordWriter:
         steps = self._cols["step"]
         if not steps:
             return
-        path = self.dir / f"part-{steps[0]:010d}-{steps[-1]:010d}.parquet"
+        path = self._part_path(steps[0], steps[-1])
         tmp = path.with_suffix(".tmp")
         pq.write_table(pa.table(self._cols, schema=SCHEMA), tmp)
         os.replace(tmp, path)
@@ -76,7 +82,7 @@ class RecordWriter:
         for part in sorted(self.dir.glob("*.tmp")):
             part.unlink()
         for part in sorted(self.dir.glob("part-*.parquet")):
-            first, last = map(int, _PART.search(part.name).groups())
+            first, last, _ = map(int, _PART.search(part.name).groups())
             if last <= step:
                 continue
             table = pq.read_table(part)
@@ -87,7 +93,7 @@ class RecordWriter:
                 removed -= kept.num_rows
                 if kept.num_rows:
                     last_kept = kept["step"][-1].as_py()
-                    pq.write_table(kept, self.dir / f"part-{first:010d}-{last_kept:010d}.parquet")
+                    pq.write_table(kept, self._part_path(first, last_kept))
         return removed
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -368,7 +369,9 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                 ema.step(raw_unet.parameters())
         else:
             state.skipped_steps += 1
-        lr_scheduler.step()
+        with warnings.catch_warnings():   # a skipped step advances the schedule on purpose (module docstring)
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.global_step += 1
         bar.update(1)

@@ -1,0 +1,57 @@
+"""Shared test helpers: compose the real Hydra config, run the real training app in-process or as processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def compose(overrides: list[str]):
+    """The training config as `python launch/train.py <overrides>` would see it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+# Small and fast: 16 drawn images (4 of them copies of 2 items), batch 4, a handful of steps.
+TINY = ["logger=none", "data.num_unique=8", "data.num_duplicated=2", "data.repeats=4", "train_batch_size=4",
+        "max_train_steps=4", "checkpointing_steps=0", "validation_prompts=[]", "logging_steps=1",
+        "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]", "model.tiny.vae_channels=[32,32]"]
+
+
+def train_in_process(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict]:
+    from launch.train import run
+
+    run_dir = tmp_path / "run"
+    summary = run(compose(TINY + [f"output_dir={run_dir}"] + overrides))
+    return run_dir, summary
+
+
+def launch_cmd(run_dir: Path, overrides: list[str], num_processes: int = 1) -> list[str]:
+    script = str(REPO / "launch" / "train.py")
+    args = TINY + [f"output_dir={run_dir}"] + overrides
+    if num_processes == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", "0", script, *args]
+
+
+def run_cmd(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

@@ -1,0 +1,132 @@
+"""The training app end to end, in-process, on the tiny model and drawn data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from filtering.records import read_records
+from launch.config_check import ConfigError
+from tests.conftest import compose, train_in_process
+
+
+def test_run_directory_is_complete_and_pipeline_loads(tmp_path):
+    run_dir, summary = train_in_process(tmp_path, [
+        "logger=wandb", "checkpointing_steps=2", "validation_prompts=[a red circle on the left]",
+        "validation_steps=2", "validation_inference_steps=2", "filter=batch_quantile",
+        "filter.drop_fraction=0.25", "proportion_empty_prompts=0"])
+    assert (run_dir / "config.yaml").exists()
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (run_dir / "latest").read_text().strip() == "checkpoint-4"
+    assert not list(run_dir.glob(".checkpoint-*"))                 # no half-written checkpoint left
+    assert (run_dir / "samples" / "step-000002" / "000-00.png").exists()
+    assert (run_dir / "samples" / "final" / "000-00.png").exists()
+    # wandb wrote a real offline run
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+    # every sample of every step has one record; the filter dropped exactly a quarter of each batch
+    rec = read_records(run_dir / "records").to_pandas()
+    assert len(rec) == 4 * 4 and sorted(rec.step.unique()) == [1, 2, 3, 4]
+    assert rec.groupby("step").kept.sum().tolist() == [3, 3, 3, 3]
+    assert summary["samples_seen"] == 16 and summary["samples_kept"] == 12
+    dropped = rec[~rec.kept]
+    for step, group in rec.groupby("step"):        # the dropped sample is the batch's largest magnitude
+        assert group.magnitude.idxmax() == dropped[dropped.step == step].index[0]
+    assert json.loads((run_dir / "train_summary.json").read_text())["steps"] == 4
+
+    pipe = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline")
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    image = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (16, 16, 3) and np.isfinite(image).all()
+    # the exported UNet is the trained one, not the initial one
+    ckpt = load_file(run_dir / "checkpoint-4" / "model.safetensors")
+    name = next(k for k in ckpt if k.endswith("conv_in.weight"))
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], ckpt[name])
+
+
+def test_every_sample_dropped_is_safe(tmp_path):
+    """A threshold below every magnitude: no optimizer step, no NaN, steps and lr still counted."""
+    run_dir, summary = train_in_process(tmp_path, [
+        "filter=fixed", "filter.threshold=1e-12", "proportion_empty_prompts=0", "max_train_steps=3",
+        "optim.lr_warmup_steps=0"])
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 3 and summary["samples_kept"] == 0
+    rec = read_records(run_dir / "records").to_pandas()
+    assert not rec.kept.any() and np.isfinite(rec.magnitude).all() and np.isfinite(rec.loss).all()
+    # the exported UNet equals the initial one: nothing was stepped
+    cfg = compose(["model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
+                   "model.tiny.vae_channels=[32,32]"])
+    from launch.builders import build_components
+    initial = build_components(cfg.model).unet.state_dict()
+    trained = UNet2DConditionModel.from_pretrained(run_dir / "pipeline" / "unet").state_dict()
+    assert all(torch.equal(initial[k], trained[k]) for k in initial)
+
+
+def test_filter_changes_the_update(tmp_path):
+    """Dropping samples changes the weights (the loss really excludes them), keeping all does not drop any."""
+    a, sa = train_in_process(tmp_path / "a", ["filter=none", "max_train_steps=2", "proportion_empty_prompts=0"])
+    b, sb = train_in_process(tmp_path / "b", ["filter=batch_quantile", "filter.drop_fraction=0.5",
+                                              "max_train_steps=2", "proportion_empty_prompts=0"])
+    assert sa["kept_fraction"] == 1.0 and sb["kept_fraction"] == 0.5
+    ra, rb = (read_records(d / "records").to_pandas() for d in (a, b))
+    # same data, same noise: identical magnitudes at step 1 (before any update differs)
+    np.testing.assert_array_equal(ra[ra.step == 1].magnitude, rb[rb.step == 1].magnitude)
+    ua = UNet2DConditionModel.from_pretrained(a / "pipeline" / "unet").state_dict()
+    ub = UNet2DConditionModel.from_pretrained(b / "pipeline" / "unet").state_dict()
+    assert any(not torch.equal(ua[k], ub[k]) for k in ua)
+
+
+def test_pretrained_directory_v_prediction_lora_and_ema(tmp_path):
+    """model.pretrained loads a save_pretrained directory; v-prediction and LoRA export as diffusers does."""
+    from launch.builders import build_components
+    base = build_components(compose(["model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
+                                     "model.tiny.vae_channels=[32,32]"]).model)
+    from train.models import build_pipeline
+    build_pipeline(base).save_pretrained(tmp_path / "base")
+
+    run_dir, summary = train_in_process(tmp_path / "lora", [
+        f"model.pretrained={tmp_path / 'base'}", "model.prediction_type=v_prediction", "model.lora.rank=4",
+        "max_train_steps=2", "checkpointing_steps=2"])
+    assert summary["steps"] == 2
+    assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.sample_size * 2 == 16                      # resolution came from the model
+    lora_pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    lora_pipe.load_lora_weights(run_dir / "lora")
+    out = lora_pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert np.isfinite(out).all()
+
+    run_dir, summary = train_in_process(tmp_path / "ema", ["use_ema=true", "ema_decay=0.5", "max_train_steps=2",
+                                                           "checkpointing_steps=1"])
+    assert (run_dir / "checkpoint-1" / "ema.safetensors").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.learning_rate=-1", "optim.learning_rate"),
+    ("train_batch_size=0", "train_batch_size"),
+    ("filter=fixed", None),
+    ("mixed_precision=fp16", "mixed_precision"),
+    ("filter=timestep", None),
+])
+def test_config_check(override, key):
+    from launch.config_check import check_train_config
+    cfg = compose([override])
+    if key is None:
+        check_train_config(cfg, cuda_available=False)
+        return
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_train_config(cfg, cuda_available=False)
+
+
+def test_filter_values_are_checked():
+    from launch.config_check import check_train_config
+    with pytest.raises(ConfigError, match=r"filter\.threshold"):
+        check_train_config(compose(["filter=fixed", "filter.threshold=-2"]), cuda_available=False)
+    with pytest.raises(ConfigError, match=r"filter\.statistic"):
+        check_train_config(compose(["filter.statistic=mean"]), cuda_available=False)
