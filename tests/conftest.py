@@ -38,9 +38,10 @@ def train_in_process(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict]:
     return run_dir, summary
 
 
-def launch_cmd(run_dir: Path, overrides: list[str], num_processes: int = 1) -> list[str]:
+def launch_cmd(run_dir: Path | None, overrides: list[str], num_processes: int = 1) -> list[str]:
+    """Command line of the training app; run_dir=None keeps the default (timestamped) output_dir."""
     script = str(REPO / "launch" / "train.py")
-    args = TINY + [f"output_dir={run_dir}"] + overrides
+    args = TINY + ([f"output_dir={run_dir}"] if run_dir else []) + overrides
     if num_processes == 1:
         return [sys.executable, script, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
@@ -48,8 +49,8 @@ def launch_cmd(run_dir: Path, overrides: list[str], num_processes: int = 1) -> l
             "--main_process_port", "0", script, *args]
 
 
-def run_cmd(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_cmd(cmd: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -18,11 +18,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_processes_record_every_sample_once_and_decide_globally(tmp_path):
-    run_dir = tmp_path / "run"
-    # 16 samples = 2 ranks x batch 4 x 2 steps: one epoch, every key exactly once
-    proc = run_cmd(launch_cmd(run_dir, ["filter=batch_quantile", "filter.drop_fraction=0.25", "max_train_steps=2",
-                                        "proportion_empty_prompts=0", "checkpointing_steps=2"], num_processes=2))
+    # 16 samples = 2 ranks x batch 4 x 2 steps: one epoch, every key exactly once. The default output_dir
+    # is a timestamp each rank resolves itself: both must end up writing into rank 0's one directory.
+    proc = run_cmd(launch_cmd(None, ["filter=batch_quantile", "filter.drop_fraction=0.25", "max_train_steps=2",
+                                     "proportion_empty_prompts=0", "checkpointing_steps=2"], num_processes=2),
+                   cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "train").iterdir())
+    assert len(runs) == 1
+    run_dir = runs[0]
     rec = read_records(run_dir / "records").to_pandas()
     assert sorted(rec["rank"].unique()) == [0, 1]
     assert len(rec) == 16 and rec.key.is_unique                      # every sample once, none twice
