@@ -2,7 +2,8 @@
 
 Schema (training and curation alike): step, rank, key, timestep, magnitude, kept, loss.
 Each rank appends to memory and flushes a part file `rank-<r>/part-<first>-<last>-<seq>.parquet` named
-by the first and last step it holds and a sequence number (a step can span several parts). When a killed run resumes from checkpoint S, `truncate_after(S)`
+by the first and last step it holds (after a truncation, `last` is an upper bound) and a sequence number
+(a step can span several parts). When a killed run resumes from checkpoint S, `truncate_after(S)`
 drops every row with step > S from that rank's parts, so the resumed run writes them again and
 the final set holds every (step, key) exactly once.
 """
@@ -54,13 +55,13 @@ class RecordWriter:
         """Add one row per sample. Tensors or sequences of equal length [B]."""
         keys = list(keys)
         n = len(keys)
-        self._cols["step"] += [int(step)] * n
-        self._cols["rank"] += [self.rank] * n
-        self._cols["key"] += [str(k) for k in keys]
+        cols = {}
         for name, vals in (("timestep", timesteps), ("magnitude", magnitudes), ("kept", kept), ("loss", losses)):
-            vals = vals.detach().cpu().tolist() if hasattr(vals, "detach") else list(vals)
-            if len(vals) != n:
-                raise ValueError(f"records: {name} has {len(vals)} values for {n} keys")
+            cols[name] = vals.detach().cpu().tolist() if hasattr(vals, "detach") else list(vals)
+            if len(cols[name]) != n:      # check everything before touching the buffer
+                raise ValueError(f"records: {name} has {len(cols[name])} values for {n} keys")
+        cols.update(step=[int(step)] * n, rank=[self.rank] * n, key=[str(k) for k in keys])
+        for name, vals in cols.items():
             self._cols[name] += vals
         if len(self._cols["step"]) >= self.flush_every:
             self.flush()
@@ -86,14 +87,16 @@ class RecordWriter:
             if last <= step:
                 continue
             table = pq.read_table(part)
-            removed += table.num_rows
-            part.unlink()
-            if first <= step:
-                kept = table.filter(pc.less_equal(table["step"], step))
-                removed -= kept.num_rows
-                if kept.num_rows:
-                    last_kept = kept["step"][-1].as_py()
-                    pq.write_table(kept, self._part_path(first, last_kept))
+            kept = table.filter(pc.less_equal(table["step"], step))
+            removed += table.num_rows - kept.num_rows
+            if kept.num_rows:
+                # rewrite under the same name, atomically: a kill here leaves the old or the new part,
+                # and truncating again is idempotent (the name's last step is then an upper bound)
+                tmp = part.with_suffix(".tmp")
+                pq.write_table(kept, tmp)
+                os.replace(tmp, part)
+            else:
+                part.unlink()
         return removed
 
 

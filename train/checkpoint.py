@@ -22,15 +22,16 @@ META = "memfilter_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
-    """JSON tree of `obj` with every tensor moved to `tensors` under its path."""
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON tree of `obj` with every tensor moved to `tensors` under a fresh numbered name."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
-        return {"__tensor__": prefix}
+        name = f"t{len(tensors)}"      # numbered, not path-named: dict keys may contain anything
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}
     if isinstance(obj, dict):
-        return {"__dict__": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+        return {"__dict__": [[k, _flatten(v, tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return [_flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+        return [_flatten(v, tensors) for v in obj]
     if isinstance(obj, float) and not (obj == obj and abs(obj) != float("inf")):
         return {"__float__": repr(obj)}                 # inf and nan survive JSON
     return obj

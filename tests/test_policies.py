@@ -1,0 +1,336 @@
+"""Filter policies: magnitudes (and timesteps) of a global batch in, a keep mask out."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from filtering.policies import (MAD_TO_STD, BatchQuantile, FixedThreshold, NoFilter, RunningQuantile,
+                                TimestepBucketed, build_policy)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _mad_threshold(values: np.ndarray, k: float) -> float:
+    """median + k * 1.4826 * MAD, for an odd number of values (so the median is unambiguous)."""
+    assert values.size % 2 == 1
+    med = np.median(values)
+    return float(med + k * MAD_TO_STD * np.median(np.abs(values - med)))
+
+
+# --------------------------------------------------------------------------- stateless policies
+
+def test_no_filter_keeps_everything():
+    m = torch.cat([torch.rand(20, generator=_gen(0)), torch.tensor([1e9, float("inf"), 0.0])])
+    keep = NoFilter().decide(m, torch.randint(0, 1000, (m.numel(),), generator=_gen(1)))
+    assert keep.dtype == torch.bool and keep.shape == m.shape and keep.all()
+    assert NoFilter().thresholds() == {}
+
+
+def test_fixed_threshold_keeps_exactly_the_magnitudes_at_or_below_it():
+    thr = 2.0
+    m = torch.cat([torch.rand(50, generator=_gen(0)) * 4, torch.tensor([thr, thr + 1e-6, thr - 1e-6, 0.0])])
+    policy = FixedThreshold(threshold=thr)
+    keep = policy.decide(m)
+    assert keep.dtype == torch.bool and keep.shape == m.shape
+    assert torch.equal(keep, m <= thr)
+    assert keep[-4] and not keep[-3] and keep[-2]                 # the threshold itself stays in
+    assert 0 < int(keep.sum()) < m.numel()                        # the draw really straddles the threshold
+    assert policy.thresholds() == {"threshold": thr}
+    # stateless: the same batch again gives the same answer
+    assert torch.equal(policy.decide(m), keep)
+
+
+@pytest.mark.parametrize("drop_fraction", [0.1, 0.25, 0.3, 0.5])
+def test_batch_quantile_drops_the_round_q_n_largest(drop_fraction):
+    policy = BatchQuantile(drop_fraction=drop_fraction)
+    for n in (1, 2, 3, 7, 8, 10, 33, 64):
+        m = torch.rand(n, generator=_gen(n))
+        keep = policy.decide(m)
+        n_drop = round(drop_fraction * n)
+        assert int((~keep).sum()) == n_drop, (n, drop_fraction)
+        if 0 < n_drop < n:
+            assert m[~keep].min() >= m[keep].max()               # the dropped ones are the largest
+
+
+def test_batch_quantile_breaks_ties_by_position_deterministically():
+    m = torch.tensor([1.0, 3.0, 2.0, 3.0, 0.5, 3.0, 3.0, 1.5])   # four tied maxima, drop three of them
+    policy = BatchQuantile(drop_fraction=3 / 8)
+    keep = policy.decide(m)
+    tied = (m == m.max()).nonzero().flatten()
+    dropped = (~keep).nonzero().flatten()
+    assert dropped.numel() == 3 and bool((m[dropped] == m.max()).all())
+    assert dropped.tolist() == tied[:3].tolist()                 # earlier positions go first
+    for _ in range(3):
+        assert torch.equal(policy.decide(m.clone()), keep)
+    # all equal: still exactly round(q * N) dropped, the first ones
+    flat = torch.full((10,), 0.7)
+    keep = BatchQuantile(drop_fraction=0.2).decide(flat)
+    assert (~keep).nonzero().flatten().tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------- RunningQuantile
+
+def test_running_quantile_warmup_then_quantile_of_the_past_window():
+    q, window, warmup, bs = 0.8, 40, 20, 8
+    policy = RunningQuantile(quantile=q, window=window, warmup=warmup)
+    g = _gen(3)
+    history: list[float] = []
+    n_filtered_batches = 0
+    for i in range(12):
+        m = torch.rand(bs, generator=g)
+        if i == 1:
+            m[0] = 1e6                                            # an extreme value during warm-up
+        keep = policy.decide(m)
+        if len(history) < warmup:
+            assert keep.all(), f"batch {i} is in warm-up"
+            assert policy.thresholds() == {}
+        else:
+            thr = float(np.quantile(np.array(history[-window:]), q))
+            assert policy.thresholds()["threshold"] == pytest.approx(thr, rel=1e-6)
+            assert torch.equal(keep, m <= policy.thresholds()["threshold"])
+            n_filtered_batches += 1
+        history += m.tolist()
+    assert n_filtered_batches == 12 - (warmup + bs - 1) // bs
+    # the 1e6 of warm-up is long out of the window: the threshold is back among the uniform draws
+    assert policy.thresholds()["threshold"] < 1.0
+
+
+def test_running_quantile_judges_a_batch_against_statistics_before_it():
+    policy = RunningQuantile(quantile=0.9, window=100, warmup=50)
+    policy.decide(torch.linspace(0, 1, 100))                      # past: uniform on [0, 1]
+    thr_before = float(torch.quantile(torch.linspace(0, 1, 100), 0.9))
+    batch = torch.full((60,), 0.95)
+    # with the batch itself in the statistics the 0.9 quantile would be 0.95 and everything would stay
+    with_batch = torch.cat([torch.linspace(0, 1, 100), batch])[-100:]
+    assert float(torch.quantile(with_batch, 0.9)) >= float(batch[0])
+    keep = policy.decide(batch)
+    assert not keep.any()
+    assert policy.thresholds()["threshold"] == pytest.approx(thr_before)
+
+
+def test_running_quantile_window_size_is_respected():
+    policy = RunningQuantile(quantile=0.5, window=16, warmup=1)
+    policy.decide(torch.full((16,), 100.0))                       # old, large values
+    stream = [torch.rand(8, generator=_gen(10 + i)) for i in range(2)]
+    for m in stream:
+        policy.decide(m)
+    values = policy.state_dict()["values"]
+    assert values.numel() == 16
+    assert torch.equal(values, torch.cat(stream))                 # exactly the last 16, in order
+    # the large values have left the window, so a moderately large magnitude is now dropped
+    assert not policy.decide(torch.tensor([2.0]))[0]
+    assert policy.thresholds()["threshold"] == pytest.approx(float(torch.quantile(torch.cat(stream), 0.5)))
+
+
+def test_running_quantile_update_with_kept_excludes_dropped_samples():
+    base = torch.rand(64, generator=_gen(4))
+    later = [torch.cat([torch.rand(12, generator=_gen(20 + i)), torch.full((4,), 50.0)]) for i in range(6)]
+    p_all = RunningQuantile(quantile=0.9, window=1000, warmup=32, update_with="all")
+    p_kept = RunningQuantile(quantile=0.9, window=1000, warmup=32, update_with="kept")
+    for p in (p_all, p_kept):
+        p.decide(base)
+    kept_history = base.tolist()
+    for m in later:
+        keep_kept = p_kept.decide(m)
+        p_all.decide(m)
+        kept_history += m[keep_kept].tolist()
+    v_kept = p_kept.state_dict()["values"]
+    assert torch.equal(v_kept, torch.tensor(kept_history))
+    assert (v_kept < 50).all()                                    # the outliers never entered
+    assert (p_all.state_dict()["values"] == 50).sum() == 4 * len(later)
+    # and the dropped outliers never moved the threshold, while with "all" they did
+    assert p_kept.thresholds()["threshold"] < 1.0 < p_all.thresholds()["threshold"]
+
+
+# --------------------------------------------------------------------------- TimestepBucketed
+
+def _two_bucket_stream(n_batches: int, per_bucket: int, seed: int):
+    """Bucket 0 (t < 500): m ~ 1 +- 0.05; bucket 1 (t >= 500): m ~ 10 +- 0.5."""
+    g = _gen(seed)
+    out = []
+    for _ in range(n_batches):
+        t = torch.cat([torch.randint(0, 500, (per_bucket,), generator=g),
+                       torch.randint(500, 1000, (per_bucket,), generator=g)])
+        m = torch.cat([1 + 0.05 * torch.randn(per_bucket, generator=g),
+                       10 + 0.5 * torch.randn(per_bucket, generator=g)])
+        out.append((m, t))
+    return out
+
+
+def test_timestep_buckets_have_their_own_thresholds():
+    k = 3.0
+    policy = TimestepBucketed(num_buckets=2, num_train_timesteps=1000, k=k, window=1000, warmup=21)
+    stream = _two_bucket_stream(3, 7, seed=5)                     # 21 magnitudes per bucket
+    for m, t in stream:
+        assert policy.decide(m, t).all()                          # warm-up: everything stays
+    low = np.concatenate([m[:7].numpy() for m, _ in stream])
+    high = np.concatenate([m[7:].numpy() for m, _ in stream])
+    thr_low, thr_high = _mad_threshold(low, k), _mad_threshold(high, k)
+    assert thr_low < 5 < thr_high
+
+    #                      normal-low  high-in-low  normal-high  extreme-high  low-in-high
+    m = torch.tensor([1.0, 10.0, 10.0, 20.0, 1.0])
+    t = torch.tensor([100, 100, 900, 900, 900])
+    keep = policy.decide(m, t)
+    assert keep.tolist() == [True, False, True, False, True]
+    th = policy.thresholds()
+    assert th["threshold/bucket0"] == pytest.approx(thr_low, rel=1e-5)
+    assert th["threshold/bucket1"] == pytest.approx(thr_high, rel=1e-5)
+    # one global threshold could not take these decisions: 10 is dropped at t=100 and kept at t=900
+    assert not keep[1] and keep[2] and m[1] == m[2]
+
+
+def test_bucket_of_covers_the_timestep_range():
+    policy = TimestepBucketed(num_buckets=10, num_train_timesteps=1000)
+    t = torch.tensor([0, 99, 100, 499, 500, 999])
+    assert policy.bucket_of(t).tolist() == [0, 0, 1, 4, 5, 9]
+    with pytest.raises(ValueError, match="timesteps"):
+        policy.decide(torch.rand(3))
+
+
+def _outlier_stream(n_batches: int, n_normal: int, n_outlier: int, seed: int):
+    g = _gen(seed)
+    out = []
+    for _ in range(n_batches):
+        m = torch.cat([1 + 0.1 * torch.randn(n_normal, generator=g), 10 + torch.randn(n_outlier, generator=g)])
+        is_out = torch.cat([torch.zeros(n_normal, dtype=torch.bool), torch.ones(n_outlier, dtype=torch.bool)])
+        perm = torch.randperm(m.numel(), generator=g)
+        out.append((m[perm], torch.randint(0, 1000, (m.numel(),), generator=g), is_out[perm]))
+    return out
+
+
+def test_median_mad_is_robust_to_40_percent_outliers_and_mean_std_is_not():
+    """DESIGN.md "What a probe here showed": mean+k*std is dragged up by the memorized samples it judges."""
+    stream = _outlier_stream(12, 30, 20, seed=6)                  # 40% huge magnitudes in every batch
+    rates = {}
+    for statistic in ("median_mad", "mean_std"):
+        policy = TimestepBucketed(num_buckets=1, statistic=statistic, k=3.0, window=500, warmup=50)
+        dropped_out = total_out = dropped_normal = total_normal = 0
+        for i, (m, t, is_out) in enumerate(stream):
+            keep = policy.decide(m, t)
+            if i == 0:
+                assert keep.all()                                 # warm-up
+                continue
+            dropped_out += int((~keep & is_out).sum())
+            total_out += int(is_out.sum())
+            dropped_normal += int((~keep & ~is_out).sum())
+            total_normal += int((~is_out).sum())
+        rates[statistic] = (dropped_out / total_out, dropped_normal / total_normal)
+    out_mad, normal_mad = rates["median_mad"]
+    out_std, _ = rates["mean_std"]
+    assert out_mad >= 0.9, rates                                  # drops most appearances of the outliers
+    assert normal_mad <= 0.05, rates                              # and hardly any normal sample
+    assert out_std <= 0.5 * out_mad, rates                        # mean_std drops far fewer of them
+    assert out_std <= 0.1, rates
+
+
+def test_timestep_quantile_statistic():
+    policy = TimestepBucketed(num_buckets=1, statistic="quantile", quantile=0.75, window=1000, warmup=1)
+    past = torch.rand(101, generator=_gen(7))
+    policy.decide(past, torch.zeros(101, dtype=torch.long))
+    m = torch.rand(50, generator=_gen(8))
+    keep = policy.decide(m, torch.full((50,), 300))
+    thr = float(np.quantile(past.numpy(), 0.75))
+    assert policy.thresholds()["threshold/bucket0"] == pytest.approx(thr, rel=1e-6)
+    assert torch.equal(keep, m <= policy.thresholds()["threshold/bucket0"])
+    with pytest.raises(ValueError, match="statistic"):
+        TimestepBucketed(statistic="trimmed_mean")
+
+
+# --------------------------------------------------------------------------- eligibility
+
+@pytest.mark.parametrize("make", [
+    lambda: RunningQuantile(quantile=0.8, window=200, warmup=16),
+    lambda: TimestepBucketed(num_buckets=2, window=200, warmup=12),
+    lambda: TimestepBucketed(num_buckets=2, window=200, warmup=12, update_with="kept"),
+    lambda: BatchQuantile(drop_fraction=0.25),
+])
+def test_ineligible_samples_are_kept_and_stay_out_of_the_statistics(make):
+    with_inelig, only_elig = make(), make()
+    g = _gen(9)
+    n_dropped = 0
+    for i in range(8):
+        m = torch.rand(16, generator=g) * 3
+        m[i % 3::5] += 20                                         # a few eligible outliers to drop
+        t = torch.randint(0, 1000, (16,), generator=g)
+        eligible = torch.rand(16, generator=g) > 0.3
+        # ineligible ones: 0 (caption dropped for CFG) or huge; either would move the statistics if counted
+        m = torch.where(eligible, m, torch.where(torch.arange(16) % 2 == 0, 0.0, 1e4))
+        keep = with_inelig.decide(m, t, eligible=eligible)
+        ref = only_elig.decide(m[eligible], t[eligible])
+        assert keep[~eligible].all()
+        assert torch.equal(keep[eligible], ref), f"batch {i}"
+        n_dropped += int((~keep).sum())
+        assert repr(with_inelig.state_dict()) == repr(only_elig.state_dict())
+    assert n_dropped > 0                                          # the policy was really filtering
+    # no eligible sample at all: everything stays, nothing changes
+    before = copy.deepcopy(with_inelig.state_dict())
+    assert with_inelig.decide(torch.full((5,), 1e9), torch.zeros(5, dtype=torch.long),
+                              eligible=torch.zeros(5, dtype=torch.bool)).all()
+    after = with_inelig.state_dict()
+    assert repr(before) == repr(after)
+
+
+# --------------------------------------------------------------------------- state round trip
+
+@pytest.mark.parametrize("make", [
+    lambda: RunningQuantile(quantile=0.8, window=50, warmup=20),
+    lambda: RunningQuantile(quantile=0.8, window=50, warmup=20, update_with="kept"),
+    lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8),
+    lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8, statistic="quantile", update_with="kept"),
+])
+def test_restored_policy_decides_as_the_uninterrupted_one(make):
+    g = _gen(11)
+    stream = []
+    for _ in range(14):
+        m = torch.rand(16, generator=g) * 2
+        m[torch.rand(16, generator=g) < 0.15] += 5                # some large magnitudes to drop
+        stream.append((m, torch.randint(0, 1000, (16,), generator=g)))
+    uninterrupted, first_half = make(), make()
+    for m, t in stream[:7]:
+        uninterrupted.decide(m, t)
+        first_half.decide(m, t)
+    state = copy.deepcopy(first_half.state_dict())
+    restored, fresh = make(), make()
+    restored.load_state_dict(state)
+    assert restored.thresholds() == uninterrupted.thresholds()
+    differs_from_fresh = False
+    n_dropped = 0
+    for m, t in stream[7:]:
+        a = uninterrupted.decide(m, t)
+        b = restored.decide(m, t)
+        assert torch.equal(a, b)
+        assert restored.thresholds() == uninterrupted.thresholds()
+        differs_from_fresh |= not torch.equal(fresh.decide(m, t), a)
+        n_dropped += int((~a).sum())
+    assert n_dropped > 0                                          # decisions were not trivially "keep"
+    assert differs_from_fresh                                     # the state really mattered
+    assert repr(restored.state_dict()) == repr(uninterrupted.state_dict())
+
+
+def test_load_state_dict_checks_the_number_of_buckets():
+    p = TimestepBucketed(num_buckets=4, warmup=1)
+    p.decide(torch.rand(8), torch.randint(0, 1000, (8,)))
+    with pytest.raises(ValueError, match="num_buckets"):
+        TimestepBucketed(num_buckets=5).load_state_dict(p.state_dict())
+
+
+# --------------------------------------------------------------------------- factory
+
+def test_build_policy_by_name():
+    assert isinstance(build_policy("none"), NoFilter)
+    fixed = build_policy("fixed", threshold=1.5)
+    assert isinstance(fixed, FixedThreshold) and fixed.threshold == 1.5
+    assert isinstance(build_policy("batch_quantile", drop_fraction=0.2), BatchQuantile)
+    rq = build_policy("running_quantile", quantile=0.95, window=10, warmup=5, update_with="kept")
+    assert isinstance(rq, RunningQuantile) and rq.quantile == 0.95 and rq.update_with == "kept"
+    tb = build_policy("timestep", num_buckets=3)
+    assert isinstance(tb, TimestepBucketed) and tb.num_buckets == 3
+    with pytest.raises(ValueError, match="filter.name") as err:
+        build_policy("threshold_by_vibes")
+    assert "threshold_by_vibes" in str(err.value)

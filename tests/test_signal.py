@@ -1,0 +1,176 @@
+"""The memorization signal m = ||eps(x_t, t, e_p) - eps(x_t, t, e_0)||_2 on a real (tiny) diffusers UNet."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from filtering.signal import magnitude_from_predictions, text_noise_magnitude
+from train.models import SD_SCHEDULER
+
+B, C, H, W = 4, 4, 8, 8   # latents of a 16 px image through a 2x VAE
+L, D = 7, 32              # prompt length, cross-attention width
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny convolutions: one intra-op thread is ~100x faster than two on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def unet() -> UNet2DConditionModel:
+    # the same wiring as train.models.build_tiny, UNet only (the signal needs nothing else)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = UNet2DConditionModel(
+            sample_size=H, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(32, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=D, attention_head_dim=8, norm_num_groups=32)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SD_SCHEDULER)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(B, C, H, W, generator=g)
+    t = torch.tensor([0, 250, 600, 999])
+    cond = torch.randn(B, L, D, generator=g)
+    uncond = torch.randn(1, L, D, generator=g)
+    return x_t, t, cond, uncond
+
+
+def _direct(unet, x_t, t, cond, uncond_full):
+    """The definition, written out: two UNet calls, L2 norm over every latent element, float32."""
+    with torch.no_grad():
+        pc = unet(x_t, t, encoder_hidden_states=cond).sample
+        pu = unet(x_t, t, encoder_hidden_states=uncond_full).sample
+    return torch.stack([torch.linalg.vector_norm((pc[i] - pu[i]).float()) for i in range(x_t.shape[0])]), pc, pu
+
+
+def test_matches_two_explicit_unet_calls_with_cond_embeds(unet, batch):
+    x_t, t, cond, uncond = batch
+    expected, _, _ = _direct(unet, x_t, t, cond, uncond.expand(B, L, D))
+    assert (expected > 0).all()                      # the text really changes the prediction
+    m = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond)
+    assert m.shape == (B,) and m.dtype == torch.float32
+    assert not m.requires_grad
+    torch.testing.assert_close(m, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_matches_with_cond_pred_from_a_training_forward(unet, batch):
+    x_t, t, cond, uncond = batch
+    expected, _, _ = _direct(unet, x_t, t, cond, uncond.expand(B, L, D))
+    cond_pred = unet(x_t, t, encoder_hidden_states=cond).sample    # with grad, as in the training step
+    assert cond_pred.requires_grad
+    m = text_noise_magnitude(unet, x_t, t, uncond, cond_pred=cond_pred)
+    assert m.shape == (B,) and m.dtype == torch.float32 and not m.requires_grad
+    torch.testing.assert_close(m, expected, rtol=1e-5, atol=1e-6)
+    # cond_pred wins over cond_embeds: garbage embeddings are ignored when the prediction is given
+    m2 = text_noise_magnitude(unet, x_t, t, uncond, cond_pred=cond_pred, cond_embeds=cond * 100)
+    torch.testing.assert_close(m2, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_uncond_broadcast_equals_per_sample_uncond(unet, batch):
+    x_t, t, cond, uncond = batch
+    m_broadcast = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond)
+    m_full = text_noise_magnitude(unet, x_t, t, uncond.repeat(B, 1, 1), cond_embeds=cond)
+    torch.testing.assert_close(m_broadcast, m_full, rtol=1e-5, atol=1e-6)
+    # each sample alone gives its own entry of the batch result (no mixing across the batch)
+    for i in range(B):
+        mi = text_noise_magnitude(unet, x_t[i:i + 1], t[i:i + 1], uncond, cond_embeds=cond[i:i + 1])
+        torch.testing.assert_close(mi, m_broadcast[i:i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_unet_output_as_v_or_x0_gives_the_noise_prediction_magnitude(unet, scheduler, batch, prediction_type):
+    """Treat the real UNet's output as a v (or x0) prediction; m must be the norm of the implied eps difference."""
+    x_t, t, cond, uncond = batch
+    _, pc, pu = _direct(unet, x_t, t, cond, uncond.expand(B, L, D))
+    abar = scheduler.alphas_cumprod[t].double().view(B, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "v_prediction":
+        to_eps = lambda out: a * out.double() + s * x_t.double()          # noqa: E731
+    else:
+        to_eps = lambda out: (x_t.double() - a * out.double()) / s        # noqa: E731
+    expected = torch.linalg.vector_norm((to_eps(pc) - to_eps(pu)).flatten(1), dim=1).float()
+    m = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type=prediction_type,
+                             alphas_cumprod=scheduler.alphas_cumprod)
+    assert m.dtype == torch.float32 and m.shape == (B,)
+    torch.testing.assert_close(m, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_known_x0_and_noise_converted_predictions_give_epsilon_magnitude(scheduler, prediction_type):
+    """From a known x0 and noise: eps-, v- and x0-predictions of the same model give the same m."""
+    g = torch.Generator().manual_seed(2)
+    n = 6
+    x0 = torch.randn(n, C, H, W, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, C, H, W, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 100, 500, 900, 999])
+    ac = scheduler.alphas_cumprod.double()
+    x_t = scheduler.add_noise(x0, noise, t)
+    abar = ac[t].view(n, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    # the scheduler's own v target, and the conversion back to eps the paper's signal needs
+    v = scheduler.get_velocity(x0, noise, t)
+    torch.testing.assert_close(a * v + s * x_t, noise)
+    # two noise predictions (cond / uncond) that err differently around the true noise
+    eps_c = noise + 0.3 * torch.randn(n, C, H, W, generator=g, dtype=torch.float64)
+    eps_u = noise + 0.1 * torch.randn(n, C, H, W, generator=g, dtype=torch.float64)
+    x0_c, x0_u = (x_t - s * eps_c) / a, (x_t - s * eps_u) / a          # their implied x0
+    if prediction_type == "v_prediction":
+        pred_c, pred_u = a * eps_c - s * x0_c, a * eps_u - s * x0_u     # = get_velocity(x0_hat, eps_hat)
+        torch.testing.assert_close(a * pred_c + s * x_t, eps_c)
+    else:
+        pred_c, pred_u = x0_c, x0_u
+    expected = torch.linalg.vector_norm((eps_c - eps_u).flatten(1), dim=1).float()
+    m_eps = magnitude_from_predictions(eps_c.float(), eps_u.float())
+    torch.testing.assert_close(m_eps, expected, rtol=1e-5, atol=1e-6)
+    m = magnitude_from_predictions(pred_c.float(), pred_u.float(), prediction_type=prediction_type,
+                                   alphas_cumprod=scheduler.alphas_cumprod, timesteps=t)
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m, expected, rtol=1e-3, atol=1e-5)
+    # the raw difference of v / x0 predictions is NOT the signal (the conversion matters)
+    raw = magnitude_from_predictions(pred_c.float(), pred_u.float())
+    assert not torch.allclose(raw, expected, rtol=1e-2)
+
+
+def test_bf16_autocast_returns_float32_close_to_fp32(unet, batch):
+    x_t, t, cond, uncond = batch
+    m32 = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond)
+    m16 = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond,
+                               autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert m16.dtype == torch.float32 and m16.shape == (B,)
+    assert torch.isfinite(m16).all()
+    torch.testing.assert_close(m16, m32, rtol=0.1, atol=1e-3)
+    # autocast really ran: the UNet computed in bf16, so the numbers are not bit-identical
+    assert not torch.equal(m16, m32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unet(x_t, t, encoder_hidden_states=cond).sample.dtype == torch.bfloat16
+
+
+def test_errors(unet, batch, scheduler):
+    x_t, t, cond, uncond = batch
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type="sample")
+    with pytest.raises(ValueError, match="cond_pred or cond_embeds"):
+        text_noise_magnitude(unet, x_t, t, uncond)
+    with pytest.raises(ValueError, match="prediction_type"):
+        text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type="flow",
+                             alphas_cumprod=scheduler.alphas_cumprod)
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        x = torch.randn(B, C, H, W)
+        magnitude_from_predictions(x, x + 1, prediction_type="v_prediction",
+                                   alphas_cumprod=scheduler.alphas_cumprod)   # timesteps missing
