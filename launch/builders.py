@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 from filtering.policies import build_policy
 from launch.config_check import ConfigError
 from train.data.synthetic import SyntheticShapes
+from train.data.wds import WebDatasetSource
 from train.models import Components, build_tiny, load_pretrained
 
 
@@ -29,11 +30,20 @@ def native_resolution(components: Components) -> int:
     return int(components.unet.config.sample_size) * factor
 
 
-def build_dataset(data: DictConfig, resolution: int):
-    if data.name == "synthetic":
-        return SyntheticShapes(num_unique=data.num_unique, num_duplicated=data.num_duplicated,
-                               repeats=data.repeats, resolution=resolution, seed=data.seed)
-    raise ConfigError(f"data.name={data.name!r}: unknown data source; choose data=synthetic")
+def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
+    """The data source named by data.name; a bad path stops here, before any model is built."""
+    try:
+        if data.name == "synthetic":
+            return SyntheticShapes(num_unique=data.num_unique, num_duplicated=data.num_duplicated,
+                                   repeats=data.repeats, resolution=resolution, seed=data.seed)
+        if data.name == "webdataset":
+            return WebDatasetSource(list(data.shards) if OmegaConf.is_list(data.shards) else data.shards,
+                                    seed=seed, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
+                                    samples_per_epoch=data.samples_per_epoch, counts_file=data.counts_file,
+                                    min_size=data.min_size, max_pixels=data.max_pixels)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    raise ConfigError(f"data.name={data.name!r}: unknown data source; choose data=synthetic|webdataset")
 
 
 def build_filter(filter_cfg: DictConfig, num_train_timesteps: int):

@@ -45,8 +45,11 @@ def run(cfg: DictConfig) -> dict:
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
 
+    dataset = build_dataset(cfg.data, cfg.resolution or 0, cfg.seed)   # fail on a bad path before loading models
     components = build_components(cfg.model)
     resolution = cfg.resolution or native_resolution(components)
+    if getattr(dataset, "resolution", resolution) != resolution:      # drawn data: draw at the model's size
+        dataset = build_dataset(cfg.data, resolution, cfg.seed)
     OmegaConf.set_struct(cfg, False)
     cfg.output_dir, cfg.resolution = str(run_dir), resolution
     OmegaConf.set_struct(cfg, True)
@@ -56,7 +59,6 @@ def run(cfg: DictConfig) -> dict:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     accelerator.wait_for_everyone()
 
-    dataset = build_dataset(cfg.data, resolution)
     policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
     names = {f.name for f in dataclasses.fields(TrainArgs)}
     args = TrainArgs(**{k: v for k, v in resolved.items() if k in names}, lora_rank=cfg.model.lora.rank)

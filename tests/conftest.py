@@ -25,23 +25,31 @@ def compose(overrides: list[str]):
 
 
 # Small and fast: 16 drawn images (4 of them copies of 2 items), batch 4, a handful of steps.
-TINY = ["logger=none", "data.num_unique=8", "data.num_duplicated=2", "data.repeats=4", "train_batch_size=4",
-        "max_train_steps=4", "checkpointing_steps=0", "validation_prompts=[]", "logging_steps=1",
+TINY = ["logger=none", "train_batch_size=4", "max_train_steps=4", "checkpointing_steps=0", "validation_prompts=[]", "logging_steps=1",
         "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]", "model.tiny.vae_channels=[32,32]"]
+
+
+SYNTH = ["data.num_unique=8", "data.num_duplicated=2", "data.repeats=4"]
+
+
+def _args(run_dir, overrides):
+    """TINY, then the drawn data's size unless another data source is chosen, then the test's own."""
+    data = [] if any(o.startswith("data=") for o in overrides) else SYNTH
+    return TINY + data + ([f"output_dir={run_dir}"] if run_dir else []) + overrides
 
 
 def train_in_process(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict]:
     from launch.train import run
 
     run_dir = tmp_path / "run"
-    summary = run(compose(TINY + [f"output_dir={run_dir}"] + overrides))
+    summary = run(compose(_args(run_dir, overrides)))
     return run_dir, summary
 
 
 def launch_cmd(run_dir: Path | None, overrides: list[str], num_processes: int = 1) -> list[str]:
     """Command line of the training app; run_dir=None keeps the default (timestamped) output_dir."""
     script = str(REPO / "launch" / "train.py")
-    args = TINY + ([f"output_dir={run_dir}"] if run_dir else []) + overrides
+    args = _args(run_dir, overrides)
     if num_processes == 1:
         return [sys.executable, script, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",

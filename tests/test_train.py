@@ -130,3 +130,20 @@ def test_filter_values_are_checked():
         check_train_config(compose(["filter=fixed", "filter.threshold=-2"]), cuda_available=False)
     with pytest.raises(ConfigError, match=r"filter\.statistic"):
         check_train_config(compose(["filter.statistic=mean"]), cuda_available=False)
+
+
+def test_webdataset_run_reports_bad_samples(tmp_path):
+    import webdataset as wds
+    from tests.test_wds import png, write_shards
+    pattern = write_shards(tmp_path / "shards", n_shards=2, per_shard=8, counts=False)
+    with wds.TarWriter(str(tmp_path / "shards" / "shard-000002.tar")) as w:   # a third shard with a bad image
+        w.write({"__key__": "broken", "jpg": b"not an image", "txt": "a broken sample"})
+        w.write({"__key__": "fine", "png": png(), "txt": "a fine sample"})
+    pattern = pattern.replace("000001}", "000002}")
+    run_dir, summary = train_in_process(tmp_path, ["data=webdataset", f"data.shards='{pattern}'",
+                                                   "max_train_steps=4", "data.shuffle_buffer=0"])
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["skipped"] == {"undecodable": 1} and report["examples"]["undecodable"][0].startswith("broken")
+    assert report["used"] == 16 and report["seen"] == 17
+    rec = read_records(run_dir / "records").to_pandas()
+    assert len(rec) == 16 and rec.key.is_unique and "broken" not in set(rec.key)

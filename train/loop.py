@@ -40,6 +40,9 @@ from filtering.policies import FilterPolicy
 from filtering.records import RecordWriter
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data.collate import CollateForTraining
+from train.data.report import DataReport, merge_reports, write_report
+from train.data.transforms import ImageTransform
+from train.data.wds import WebDatasetSource, move_batch
 from train.export import export_pipeline, save_images, validation_images
 from train.models import Components, add_lora
 from train.step import filtered_diffusion_step
@@ -55,7 +58,9 @@ class TrainArgs:
     Args:
         output_dir: the run directory.
         resolution: training resolution in pixels. Default 512.
-        center_crop: centre (True) or top-left crop. Default True.
+        center_crop: centre (True) or random crop. Default True.
+        random_flip: random horizontal flip. Default False.
+        interpolation: resize filter, "bicubic" or "lanczos". Default "bicubic".
         train_batch_size: samples per rank per micro-batch. Default 8.
         num_train_epochs: passes over the data when max_train_steps is None. Default 1.
         max_train_steps: optimizer steps; overrides num_train_epochs. Default None.
@@ -86,6 +91,8 @@ class TrainArgs:
     output_dir: str
     resolution: int = 512
     center_crop: bool = True
+    random_flip: bool = False
+    interpolation: str = "bicubic"
     train_batch_size: int = 8
     num_train_epochs: int = 1
     max_train_steps: int | None = None
@@ -151,6 +158,7 @@ class TrainState:
     samples_kept: int = 0
     dup_seen: int = 0
     dup_kept: int = 0
+    positions: dict = field(default_factory=dict)   # streaming: logical worker -> stream position
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -165,17 +173,51 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return int(hashlib.sha256(f"{seed}/{rank}/{step}/{micro}".encode()).hexdigest()[:15], 16)
 
 
-def _data_stream(accelerator, dataloader, epoch: int, skip: int):
-    """Micro-batches forever, epoch after epoch: (epoch, batches consumed in that epoch, batch)."""
-    n = len(dataloader)
+def _data_stream(accelerator, dataloader, state: "TrainState", num_workers: int):
+    """Micro-batches forever, epoch after epoch: (epoch, batches consumed in that epoch, batch).
+
+    Map-style data: accelerate's seedable sampler, skipping the consumed batches on resume.
+    Streaming data (WebDatasetSource): the source itself resumes from the saved worker positions.
+    """
+    source = dataloader.dataset
+    streaming = isinstance(source, WebDatasetSource)
+    epoch, skip = state.epoch, state.batches_in_epoch
+    n = source.batches_per_epoch(epoch) if streaming else len(dataloader)
     if skip >= n:
         epoch, skip = epoch + 1, 0
     while True:
-        dataloader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+        if streaming:
+            if skip:
+                source.set_resume(epoch, skip, state.positions, num_workers)
+            else:
+                source.set_epoch(epoch)
+            loader = dataloader
+        else:
+            if hasattr(source, "set_epoch"):
+                source.set_epoch(epoch)       # workers are not persistent: each epoch copies the dataset
+            dataloader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
         for i, batch in enumerate(loader, start=skip + 1):
             yield epoch, i, batch
         epoch, skip = epoch + 1, 0
+
+
+class _Reports:
+    """The data reports of every rank, gathered for a checkpoint; each rank restores its own."""
+
+    def __init__(self, accelerator, report: DataReport):
+        self.accelerator, self.report, self.gathered = accelerator, report, []
+
+    def gather(self) -> list[dict]:
+        from accelerate.utils import gather_object
+        self.gathered = gather_object([self.report.state_dict()])
+        return self.gathered
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.gathered}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.report.load_state_dict(state["ranks"][self.accelerator.process_index])
 
 
 class _Window:
@@ -248,13 +290,20 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                   weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
 
-    collate = CollateForTraining(c.tokenizer, args.resolution, args.center_crop)
-    dataloader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                            num_workers=args.dataloader_num_workers, collate_fn=collate,
-                            persistent_workers=args.dataloader_num_workers > 0)
-    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    collate = CollateForTraining(c.tokenizer, ImageTransform(args.resolution, args.interpolation, args.center_crop,
+                                                             args.random_flip, args.seed))
+    streaming = isinstance(dataset, WebDatasetSource)
+    if streaming:   # the source splits by node and worker and batches itself: accelerate must not shard it
+        dataset.bind(collate, rank=rank, world_size=world, batch_size=args.train_batch_size)
+        dataloader = DataLoader(dataset, batch_size=None, num_workers=args.dataloader_num_workers)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        batches_per_epoch = dataset.batches_per_epoch(0)
+    else:
+        dataloader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+                                num_workers=args.dataloader_num_workers, collate_fn=collate)
+        unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+        batches_per_epoch = len(dataloader)
     raw_unet = accelerator.unwrap_model(unet)
-    batches_per_epoch = len(dataloader)
     if batches_per_epoch == 0:
         raise ValueError(f"data: {len(dataset)} samples give no full batch of train_batch_size="
                          f"{args.train_batch_size} on {world} processes; lower train_batch_size or add data")
@@ -272,7 +321,9 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
 
     # --- resume -----------------------------------------------------------------------------------
     state = TrainState()
-    stateful = {"train_state": state, "lr_scheduler": lr_scheduler, "policy": policy}
+    data_report = DataReport()
+    reports = _Reports(accelerator, data_report)
+    stateful = {"train_state": state, "lr_scheduler": lr_scheduler, "policy": policy, "data_report": reports}
     if ema is not None:
         stateful["ema"] = ema
     records = RecordWriter(run_dir / "records", rank, flush_every=args.records_flush_every)
@@ -295,6 +346,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
 
     def checkpoint():
         records.flush()
+        reports.gather()
         meta = {**state.state_dict(), "world_size": world, "train_batch_size": args.train_batch_size,
                 "config": config}
         save_checkpoint(accelerator, run_dir, state.global_step, stateful, meta, args.checkpoints_total_limit)
@@ -320,7 +372,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         accelerator.wait_for_everyone()
 
     # --- the loop ---------------------------------------------------------------------------------
-    stream = _data_stream(accelerator, dataloader, state.epoch, state.batches_in_epoch)
+    stream = _data_stream(accelerator, dataloader, state, args.dataloader_num_workers)
     window = _Window()
     bar = tqdm(total=max_steps, initial=state.global_step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
@@ -329,6 +381,17 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         kept_total = 0
         for micro in range(args.gradient_accumulation_steps):
             epoch, consumed, batch = next(stream)
+            if epoch != state.epoch:
+                state.positions = {}
+            if "position" in batch:
+                state.positions[str(batch["position"][0])] = int(batch["position"][1])
+            data_report.add_skipped(batch.get("skipped", []))
+            b = len(batch["keys"])
+            data_report.add_used(b)
+            if b == 0:      # every sample of this batch was bad: one filler row keeps this rank in the all-reduce
+                batch = {**batch, "pixel_values": torch.zeros(1, 3, args.resolution, args.resolution),
+                         "input_ids": uncond_ids.cpu(), "dup_group": torch.full((1,), -1)}
+            valid = torch.arange(max(b, 1), device=dev) < b
             gen = torch.Generator(device=dev).manual_seed(step_seed(args.seed, rank, state.global_step, micro))
             with torch.no_grad():
                 latents = c.vae.encode(batch["pixel_values"].to(dev, weight_dtype)).latent_dist.sample(gen)
@@ -344,12 +407,13 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                     unet, c.noise_scheduler, latents, embeds, uncond_embeds, policy, gen,
                     eligible=~dropped, is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=raw_unet,
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=accelerator.gather,
-                    rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m)
+                    rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m, valid=valid,
+                    pad_to=args.train_batch_size)
                 # x world: DDP averages gradients over ranks, we want their sum (divided by kept_total below)
                 accelerator.backward(out.loss_sum * world)
             kept_total += out.kept_global
-            records.append(state.global_step + 1, batch["keys"], out.timesteps, out.magnitudes, out.keep,
-                           out.per_sample_loss)
+            records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
+                           out.keep[:b], out.per_sample_loss[:b])
             window.add(out.global_stats)
             state.epoch, state.batches_in_epoch = epoch, consumed
             g = out.global_stats
@@ -392,7 +456,9 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         checkpoint()
     validate("final")
     summary = {}
+    data_summary = merge_reports(reports.gather())
     if accelerator.is_main_process:
+        write_report(run_dir / "data_report.json", data_summary)
         if ema is not None:
             ema.copy_to(raw_unet.parameters())
         export_pipeline(c, raw_unet, run_dir / "pipeline", lora=bool(args.lora_rank))
@@ -404,9 +470,8 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
             "dup_kept_fraction": state.dup_kept / state.dup_seen if state.dup_seen else None,
             "nondup_kept_fraction": ((state.samples_kept - state.dup_kept) / (state.samples_seen - state.dup_seen)
                                      if state.samples_seen > state.dup_seen else None),
-            "dataset_size": len(dataset),
             "samples_per_epoch": batches_per_epoch * args.train_batch_size * world,
-            "dropped_remainder_per_epoch": len(dataset) - batches_per_epoch * args.train_batch_size * world,
+            "data_skipped": data_summary["skipped"],
             "world_size": world, "policy": policy.name, "wall_seconds": round(time.time() - t0, 1),
             "pipeline": str(run_dir / "pipeline"), "records": str(run_dir / "records"),
         }

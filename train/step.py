@@ -26,7 +26,8 @@ class StepOutput:
     timesteps: torch.Tensor        # [B] long
     keep: torch.Tensor             # [B] bool, this rank's slice of the global decision
     eligible: torch.Tensor         # [B] bool, False where the caption was dropped for CFG
-    global_stats: torch.Tensor     # [W*B, 6]: magnitude, timestep, eligible, is_duplicate, loss, keep
+    global_stats: torch.Tensor     # [N, 6] valid rows of all ranks: magnitude, timestep, eligible, is_duplicate,
+    #                                loss, keep
     kept_global: int               # kept samples in the global micro-batch
 
 
@@ -58,6 +59,8 @@ def filtered_diffusion_step(
     rank: int = 0,
     autocast: contextlib.AbstractContextManager | None = None,
     compute_magnitude: bool = True,
+    valid: torch.Tensor | None = None,
+    pad_to: int | None = None,
 ) -> StepOutput:
     """Loss of one micro-batch with the magnitude filter applied.
 
@@ -79,6 +82,9 @@ def filtered_diffusion_step(
         rank: this rank's index in the gathered tensors. Default 0.
         autocast: autocast context for the extra forward (the prepared model autocasts itself).
         compute_magnitude: False skips the extra forward (a plain fine-tune: policy `none`, m recorded as NaN).
+        valid: [B] bool, False for filler rows (a rank whose batch lost every sample to bad input runs one
+            filler so that it still joins the all-reduce); never kept, never judged. Default all True.
+        pad_to: the full per-rank batch size; smaller batches are padded in the gather. Default B.
     """
     b = latents.shape[0]
     dev = latents.device
@@ -106,14 +112,22 @@ def filtered_diffusion_step(
 
     eligible = torch.ones(b, dtype=torch.bool, device=dev) if eligible is None else eligible.to(dev)
     is_duplicate = torch.zeros(b, dtype=torch.bool, device=dev) if is_duplicate is None else is_duplicate.to(dev)
-    # One collective for everything the decision and the logs need: [W*B, 5]
-    local = torch.stack([m, timesteps.float(), eligible.float(), is_duplicate.float(), per_sample.detach()], dim=1)
+    valid = torch.ones(b, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
+    # One collective for everything the decision and the logs need. Ranks may hold fewer than pad_to
+    # samples (bad ones were skipped), so rows are padded to pad_to and marked invalid: [W*pad_to, 6]
+    local = torch.stack([m, timesteps.float(), eligible.float(), is_duplicate.float(), per_sample.detach(),
+                         valid.float()], dim=1)
+    width = max(b, pad_to or b)
+    local = torch.cat([local, local.new_zeros(width - b, local.shape[1])])
     g = gather(local)
-    keep_global = policy.decide(g[:, 0], g[:, 1].long(), g[:, 2].bool())     # same on every rank
-    keep = keep_global[rank * b:(rank + 1) * b].to(dev)
+    g_valid = g[:, 5].bool()
+    g[~g_valid, 0] = 0.0                                   # NaN-free padding (m is NaN when not measured)
+    keep_global = policy.decide(g[:, 0], g[:, 1].long(), g[:, 2].bool() & g_valid) & g_valid   # same on every rank
+    g = g[:, :5]
+    keep = keep_global[rank * width:rank * width + b].to(dev)
     # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the sum
     loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible,
-                      global_stats=torch.cat([g, keep_global.float().unsqueeze(1).to(g.device)], dim=1),
+                      global_stats=torch.cat([g, keep_global.float().unsqueeze(1).to(g.device)], dim=1)[g_valid],
                       kept_global=int(keep_global.sum()))

@@ -1,23 +1,19 @@
-"""Samples -> training batch: pixel_values [B,3,H,W] in [-1,1], input_ids [B,L], keys, captions, dup_group."""
+"""Samples -> training batch.
+
+Batch: pixel_values [B,3,H,W] in [-1,1], input_ids [B,L], keys, captions, dup_group [B], and skipped:
+the (key, reason, detail) of samples the source marked bad, so the training process can count them.
+A source marks a bad sample by returning {"key": ..., "skip": reason, "detail": ...} instead of a Sample.
+"""
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
+
+from train.data.transforms import BadSample, ImageTransform
 
 
-def to_pixel_values(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """RGB [3,H,W] float in [-1,1]: resize the short side to `resolution` (bicubic) and crop."""
-    image = image.convert("RGB")
-    w, h = image.size
-    s = resolution / min(w, h)
-    if (w, h) != (resolution, resolution):
-        image = image.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = image.size
-    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (0, 0)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0       # [H,W,3]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+def skip_record(key, reason: str, detail: str = "") -> dict:
+    """What a map-style source returns for a sample it cannot use."""
+    return {"key": str(key), "skip": reason, "detail": detail}
 
 
 class CollateForTraining:
@@ -25,22 +21,34 @@ class CollateForTraining:
 
     Args:
         tokenizer: the model's tokenizer (pads to its model_max_length).
-        resolution: training resolution in pixels.
-        center_crop: centre crop (True) or top-left crop. Default True.
+        transform: ImageTransform (resize, crop, flip, normalise); its randomness uses meta["epoch"].
     """
 
-    def __init__(self, tokenizer, resolution: int, center_crop: bool = True):
-        self.tokenizer, self.resolution, self.center_crop = tokenizer, resolution, center_crop
+    def __init__(self, tokenizer, transform: ImageTransform):
+        self.tokenizer, self.transform = tokenizer, transform
 
     def __call__(self, samples: list[dict]) -> dict:
-        captions = [s["caption"] for s in samples]
+        good, skipped = [], []
+        for s in samples:
+            if "skip" in s:
+                skipped.append((s["key"], s["skip"], s.get("detail", "")))
+                continue
+            try:
+                pixels = self.transform(s["image"], s["key"], s["meta"].get("epoch", 0))
+            except BadSample as e:
+                skipped.append((s["key"], e.reason, e.detail))
+                continue
+            good.append((s, pixels))
+        captions = [s["caption"] for s, _ in good]
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+                             truncation=True, return_tensors="pt").input_ids if good else \
+            torch.zeros(0, self.tokenizer.model_max_length, dtype=torch.long)
+        res = self.transform.resolution
         return {
-            "pixel_values": torch.stack([to_pixel_values(s["image"], self.resolution, self.center_crop)
-                                         for s in samples]),
+            "pixel_values": torch.stack([p for _, p in good]) if good else torch.zeros(0, 3, res, res),
             "input_ids": ids,
-            "keys": [s["key"] for s in samples],
+            "keys": [s["key"] for s, _ in good],
             "captions": captions,
-            "dup_group": torch.tensor([int(s["meta"].get("dup_group", -1)) for s in samples]),
+            "dup_group": torch.tensor([int(s["meta"].get("dup_group", -1)) for s, _ in good], dtype=torch.long),
+            "skipped": skipped,
         }

@@ -1,0 +1,92 @@
+"""Dataset prep: a folder, a table of image paths or an HF dataset -> webdataset shards, manifest, report.
+
+    python launch/prepare.py input.kind=imagefolder input.path=<folder> output_dir=<dir> shard_size=1000 resize=512
+    python launch/prepare.py input.kind=table input.path=pairs.parquet input.image_column=file \
+        input.caption_column=caption output_dir=<dir>
+    python launch/prepare.py input.kind=hf input.path=<save_to_disk folder> output_dir=<dir> \
+        duplication.protocol=wen duplication.num_duplicated=10 duplication.repeats=20
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from launch.config_check import ConfigError, _check, _is_int  # noqa: E402
+
+KINDS = ("imagefolder", "table", "hf")
+_RULES = [
+    ("input.kind", lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+    ("input.path", lambda v: isinstance(v, str) and v, "a folder or file, e.g. input.path=data/images"),
+    ("input.min_size", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("input.max_pixels", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("output_dir", lambda v: isinstance(v, str) and v, "a folder, e.g. output_dir=data/shards"),
+    ("shard_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1, e.g. shard_size=1000"),
+    ("resize", lambda v: v is None or (_is_int(v) and v >= 8), "null or an integer >= 8, e.g. resize=512"),
+    ("near_dup_threshold", lambda v: _is_int(v) and 0 <= v <= 64, "an integer in [0, 64]"),
+    ("num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("duplication.protocol", lambda v: v in (None, "wen", "somepalli"), "null, wen or somepalli"),
+    ("duplication.mode", lambda v: v in ("image_and_caption", "image_only"), "image_and_caption or image_only"),
+]
+
+
+def build_input(inp: DictConfig):
+    """The source named by the `input` block (config_prefix "input", so errors name input.<field>)."""
+    from train.data.hf import HFSource
+    from train.data.imagefolder import ImageFolderSource
+
+    common = dict(min_size=inp.min_size, max_pixels=inp.max_pixels, config_prefix="input")
+    if inp.kind == "imagefolder":
+        return ImageFolderSource(inp.path, caption_column=inp.caption_column, **common)
+    return HFSource(inp.path, format=inp.format, split=inp.split, image_column=inp.image_column,
+                    caption_column=inp.caption_column, key_column=inp.key_column,
+                    dup_group_column=inp.dup_group_column, image_root=inp.image_root, **common)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Check `cfg`, build the input and the duplication plan, write the shards. Returns the prep report."""
+    from train.data.duplication import make_plan
+    from train.data.prepare import format_summary, prepare
+
+    for key, ok, must in _RULES:
+        _check(cfg, key, ok, must)
+    source = build_input(cfg.input)
+    dup = OmegaConf.to_container(cfg.duplication, resolve=True)
+    captions = None
+    if dup.pop("caption_file"):
+        path = Path(cfg.duplication.caption_file)
+        if not path.is_file():
+            raise ConfigError(f"duplication.caption_file={str(path)!r}: no such file; give a text file with one "
+                              "caption per line, or null to use other items' captions")
+        captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        plan = make_plan(dup.pop("protocol"), len(source), num_captions=len(captions) if captions else None, **dup)
+    except ValueError as e:
+        raise ConfigError(f"duplication: {e}") from None
+    report = prepare(source, cfg.output_dir, shard_size=cfg.shard_size, resize=cfg.resize, plan=plan,
+                     captions=captions, near_dup_threshold=cfg.near_dup_threshold, seed=cfg.seed,
+                     num_workers=cfg.num_workers, overwrite=cfg.overwrite,
+                     input_info={"kind": cfg.input.kind, "path": str(cfg.input.path)})
+    print(format_summary(report))
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
+def main(cfg: DictConfig) -> None:
+    from train.data.imagefolder import DataConfigError
+
+    try:
+        run(cfg)
+    except (ConfigError, DataConfigError) as e:
+        print(f"memfilter prep: invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

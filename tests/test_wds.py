@@ -1,0 +1,164 @@
+"""The webdataset streaming source: epoch coverage across ranks and workers, exact resume, bad samples."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from train.data.collate import CollateForTraining
+from train.data.report import DataReport
+from train.data.transforms import ImageTransform
+from train.data.wds import WebDatasetSource
+from train.tokenizer import build_tiny_tokenizer
+
+COLLATE = CollateForTraining(build_tiny_tokenizer(), ImageTransform(16))
+
+
+def png(color=(200, 30, 30), size=(20, 20), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shards(folder, n_shards=8, per_shard=6, counts=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for s in range(n_shards):
+        name = f"shard-{s:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as w:
+            for i in range(per_shard):
+                w.write({"__key__": f"s{s}-{i}", "png": png((s * 30, i * 40, 0)), "txt": f"a red circle {s} {i}",
+                         "json": json.dumps({"dup_group": s if i == 0 else -1})})
+        table[name] = per_shard
+    if counts:
+        (folder / "shards.json").write_text(json.dumps(table))
+    return str(folder / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def epoch_batches(pattern, rank, world, workers, epoch=0, resume=None, batch_size=4, **kw):
+    src = WebDatasetSource(pattern, seed=1, shuffle_buffer=5, **kw)
+    src.bind(COLLATE, rank=rank, world_size=world, batch_size=batch_size)
+    src.set_epoch(epoch)
+    if resume:
+        src.set_resume(epoch, resume[0], resume[1], num_workers=max(1, workers))
+    return list(DataLoader(src, batch_size=None, num_workers=workers))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_key_once_per_epoch_across_ranks_and_workers(tmp_path, workers):
+    pattern = write_shards(tmp_path / "shards")
+    for epoch in (0, 1):
+        keys = []
+        for rank in (0, 1):
+            batches = epoch_batches(pattern, rank, 2, workers, epoch=epoch)
+            assert len(batches) == 6                      # 48 samples / (2 ranks x 4)
+            keys += [k for b in batches for k in b["keys"]]
+            assert all(b["pixel_values"].shape == (4, 3, 16, 16) for b in batches)
+        assert len(keys) == 48 and len(set(keys)) == 48
+        if epoch == 0:
+            first = keys
+    assert first != keys                                  # a new shuffle each epoch
+
+
+def test_shard_counts_from_a_header_scan_match_shards_json(tmp_path):
+    a = WebDatasetSource(write_shards(tmp_path / "a"), seed=0)
+    b = WebDatasetSource(write_shards(tmp_path / "b", counts=False), seed=0)
+    assert list(a.counts.values()) == list(b.counts.values()) == [6] * 8
+
+
+@pytest.mark.parametrize("workers, k", [(0, 2), (2, 3), (2, 4)])
+def test_resume_mid_epoch_continues_exactly(tmp_path, workers, k):
+    pattern = write_shards(tmp_path / "shards")
+    full = epoch_batches(pattern, 1, 2, workers)
+    positions = {}
+    for b in full[:k]:                                    # what the loop keeps in its checkpoint
+        positions[b["position"][0]] = b["position"][1]
+    resumed = epoch_batches(pattern, 1, 2, workers, resume=(k, positions))
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[k:]]
+    assert all(np.array_equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(resumed, full[k:]))
+
+
+def test_bad_samples_are_skipped_and_accounted_for(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    good = {}
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(cmyk, "JPEG")
+    i16 = io.BytesIO()
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(i16, "PNG")
+    pal = Image.new("P", (20, 20), 0)
+    pal.putpalette([255, 0, 0] * 256)
+    pal.info["transparency"] = 0
+    pal_buf = io.BytesIO()
+    pal.save(pal_buf, "PNG", transparency=0)
+    truncated_png = png()[:-30]
+    samples = [
+        ({"__key__": "cmyk", "jpg": cmyk.getvalue(), "txt": "a cmyk image"}, None),
+        ({"__key__": "sixteen", "png": i16.getvalue(), "txt": "a 16-bit image"}, None),
+        ({"__key__": "palette", "png": pal_buf.getvalue(), "txt": "a palette image"}, None),
+        ({"__key__": "rgba", "png": png((10, 20, 30, 0), mode="RGBA"), "json": json.dumps({"caption": "x"})}, None),
+        ({"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 not a jpeg at all", "txt": "broken"}, "undecodable"),
+        ({"__key__": "truncated", "png": truncated_png, "txt": "cut"}, "undecodable"),
+        ({"__key__": "empty", "png": png(), "txt": "   "}, "empty_caption"),
+        ({"__key__": "nocap", "png": png()}, "missing_caption"),
+        ({"__key__": "tiny", "png": png(size=(1, 1)), "txt": "one pixel"}, "too_small"),
+        ({"__key__": "huge", "png": png(size=(300, 300)), "txt": "too many pixels"}, "too_large"),
+        ({"__key__": "noimage", "txt": "caption only"}, "missing_image"),
+    ]
+    expected_bad = {}
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
+        for sample, reason in samples:
+            w.write(sample)
+            (expected_bad if reason else good)[sample["__key__"]] = reason
+        for i in range(5):
+            w.write({"__key__": f"ok{i}", "png": png(), "txt": f"fine {i}"})
+            good[f"ok{i}"] = None
+
+    src = WebDatasetSource(str(folder / "shard-000000.tar"), seed=0, shuffle_buffer=0, min_size=2,
+                           max_pixels=200 * 200, samples_per_epoch=len(good))
+    src.bind(COLLATE, rank=0, world_size=1, batch_size=1)
+    report = DataReport()
+    keys = []
+    for b in DataLoader(src, batch_size=None, num_workers=0):
+        report.add_skipped(b["skipped"])
+        report.add_used(len(b["keys"]))
+        keys += b["keys"]
+        assert b["pixel_values"].shape == (1, 3, 16, 16) and not b["refill"]
+    assert sorted(keys) == sorted(good)                    # every good sample once, none of the bad
+    assert dict(report.skipped) == {r: list(expected_bad.values()).count(r) for r in set(expected_bad.values())}
+    for key, reason in expected_bad.items():               # each bad one is named under its reason
+        assert any(ex == key or ex.startswith(key + ":") for ex in report.examples[reason]), (key, reason)
+    assert report.seen == len(samples) + 5
+
+
+def test_truncated_tar_yields_what_precedes_the_cut(tmp_path):
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
+        rng = np.random.default_rng(0)
+        for i in range(4):       # noise: incompressible, so the cut lands inside a member
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+            w.write({"__key__": f"t{i}", "png": buf.getvalue(), "txt": f"in a truncated tar {i}"})
+    raw = (folder / "shard-000000.tar").read_bytes()
+    (folder / "shard-000000.tar").write_bytes(raw[: int(len(raw) * 0.6)])
+    src = WebDatasetSource(str(folder / "shard-000000.tar"), seed=0, shuffle_buffer=0)
+    src.bind(COLLATE, rank=0, world_size=1, batch_size=1)
+    batches = list(DataLoader(src, batch_size=None, num_workers=0))
+    first_pass = [b["keys"][0] for b in batches if not b["refill"]]
+    assert first_pass and set(first_pass) < {"t0", "t1", "t2", "t3"}
+    assert first_pass == sorted(first_pass)                # in tar order, up to the cut
+    reasons = [r for b in batches for _, r, _ in b["skipped"]]
+    assert "tar_error" in reasons
+
+
+def test_missing_shards_stop_at_start(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.shards"):
+        WebDatasetSource(str(tmp_path / "nothing-{000..003}.tar"))
+    with pytest.raises(ValueError, match="data.shards"):
+        WebDatasetSource([])
