@@ -5,6 +5,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from filtering.policies import build_policy
 from launch.config_check import ConfigError
+from train.data.duplication import DuplicatedDataset, make_plan
+from train.data.hf import HFSource
+from train.data.imagefolder import ImageFolderSource
 from train.data.synthetic import SyntheticShapes
 from train.data.wds import WebDatasetSource
 from train.models import Components, build_tiny, load_pretrained
@@ -31,19 +34,41 @@ def native_resolution(components: Components) -> int:
 
 
 def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
-    """The data source named by data.name; a bad path stops here, before any model is built."""
+    """The data source named by data.name; a bad path or column stops here, before any model is built."""
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
-        if data.name == "synthetic":
+        kw = OmegaConf.to_container(data, resolve=True, throw_on_missing=True)
+        name = kw.pop("name")
+        if name == "synthetic":
             return SyntheticShapes(num_unique=data.num_unique, num_duplicated=data.num_duplicated,
                                    repeats=data.repeats, resolution=resolution, seed=data.seed)
-        if data.name == "webdataset":
-            return WebDatasetSource(list(data.shards) if OmegaConf.is_list(data.shards) else data.shards,
-                                    seed=seed, shuffle_buffer=data.shuffle_buffer, resampled=data.resampled,
-                                    samples_per_epoch=data.samples_per_epoch, counts_file=data.counts_file,
-                                    min_size=data.min_size, max_pixels=data.max_pixels)
+        if name == "webdataset":
+            shards = kw.pop("shards")
+            return WebDatasetSource(shards, seed=seed, **kw)
+        if name in ("imagefolder", "hf"):
+            dup = kw.pop("duplication", None) or {}
+            source = (ImageFolderSource if name == "imagefolder" else HFSource)(**kw)
+            return _with_duplication(source, dup)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key or 'data'} is required: set it on the command line, e.g. "
+                          f"data.path=<folder>") from None
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
-    raise ConfigError(f"data.name={data.name!r}: unknown data source; choose data=synthetic|webdataset")
+    raise ConfigError(f"data.name={data.name!r}: unknown data source; choose "
+                      "data=synthetic|imagefolder|hf|webdataset")
+
+
+def _with_duplication(source, dup: dict):
+    """Wrap a map-style source in the duplication plan of data.duplication (by indexing, no copies)."""
+    if not dup or not dup.get("protocol"):
+        return source
+    captions = None
+    caption_file = dup.pop("caption_file", None)
+    if caption_file:
+        captions = [line.strip() for line in open(caption_file, encoding="utf-8") if line.strip()]
+    plan = make_plan(dup.pop("protocol"), len(source), num_captions=len(captions) if captions else None, **dup)
+    return DuplicatedDataset(source, plan, captions)
 
 
 def build_filter(filter_cfg: DictConfig, num_train_timesteps: int):

@@ -119,17 +119,16 @@ def test_imagefolder_sidecars_and_every_bad_kind(tmp_path):
 
 
 def _hf_dataset() -> tuple[datasets.Dataset, dict, list]:
+    """Eight rows: two good, then corrupt, truncated, empty caption, no caption, 1x1, no image."""
     images = [smooth(0), smooth(1), {"bytes": corrupt_jpeg(), "path": None}, {"bytes": truncated_png(), "path": None},
               smooth(4), smooth(5), Image.new("RGB", (1, 1)), None]
-    texts = ["zero", "one", "x", "x", "", None, "x", "x"]
-    groups = [3, None, -1, -1, -1, -1, -1, -1]
-    ds = datasets.Dataset.from_dict({"image": images, "text": texts, "group": groups, "other": list(range(8))},
-                                    features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
-                                                                "group": datasets.Value("int64"),
-                                                                "other": datasets.Value("int64")}))
-    skipped = [("train-00000002", "undecodable"), ("train-00000003", "undecodable"), ("train-00000004", "empty_caption"),
-               ("train-00000005", "missing_caption"), ("train-00000006", "too_small"),
-               ("train-00000007", "missing_image")]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
+                                  "group": datasets.Value("int64"), "other": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": images, "text": ["zero", "one", "x", "x", "", None, "x", "x"],
+                                     "group": [3, None, -1, -1, -1, -1, -1, -1], "other": list(range(8))},
+                                    features=features)
+    reasons = ["undecodable", "undecodable", "empty_caption", "missing_caption", "too_small", "missing_image"]
+    skipped = [(f"train-{i + 2:08d}", r) for i, r in enumerate(reasons)]
     return ds, {"train-00000000": ("zero", 3), "train-00000001": ("one", -1)}, skipped
 
 
@@ -204,3 +203,27 @@ def test_construction_errors_name_the_field(tmp_path):
         HFSource(dataset=ds, caption_column="caption")
     with pytest.raises(DataConfigError, match=r"data\.key_column='id'"):
         HFSource(dataset=ds, key_column="id")
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "hf"])
+def test_data_configs_match_the_constructors(tmp_path, name):
+    """Every key of conf/data/<name>.yaml (but name and duplication) is a constructor argument."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+    from train.data.duplication import make_plan
+
+    bad_folder(tmp_path)
+    if name == "hf":
+        _hf_dataset()[0].save_to_disk(str(tmp_path / "ds"))
+    path = tmp_path / "ds" if name == "hf" else tmp_path
+    cfg = compose([f"data={name}", f"data.path={path}", "data.duplication.protocol=somepalli",
+                   "data.duplication.fraction=0.5", "data.duplication.weight=2"])
+    kwargs = OmegaConf.to_container(cfg.data, resolve=True)
+    assert kwargs.pop("name") == name
+    dup = kwargs.pop("duplication")
+    src = (HFSource if name == "hf" else ImageFolderSource)(**kwargs)
+    assert len(src) == 8 + (name == "imagefolder") * 2
+    dup.pop("caption_file")
+    plan = make_plan(dup.pop("protocol"), len(src), **dup)
+    assert len(plan) == len(src) + round(len(src) / 2)

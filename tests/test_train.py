@@ -147,3 +147,44 @@ def test_webdataset_run_reports_bad_samples(tmp_path):
     assert report["used"] == 16 and report["seen"] == 17
     rec = read_records(run_dir / "records").to_pandas()
     assert len(rec) == 16 and rec.key.is_unique and "broken" not in set(rec.key)
+
+
+def test_imagefolder_bad_images_and_an_all_bad_batch(tmp_path):
+    """A corrupt file is skipped and counted; a batch left with no sample still trains safely (filler row)."""
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = []
+    for i, colour in enumerate([(200, 0, 0), (0, 0, 200)]):
+        Image.new("RGB", (24, 24), colour).save(folder / f"img{i}.png")
+        rows.append({"file_name": f"img{i}.png", "text": f"a plain image {i}"})
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
+    rows.append({"file_name": "broken.jpg", "text": "a broken image"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run_dir, summary = train_in_process(tmp_path, ["data=imagefolder", f"data.path={folder}", "train_batch_size=1",
+                                                   "max_train_steps=3", "filter=none", "proportion_empty_prompts=0"])
+    rec = read_records(run_dir / "records").to_pandas()
+    assert sorted(rec.key) == ["img0", "img1"]
+    assert summary["samples_seen"] == 2 and summary["skipped_steps"] == 1      # the all-bad step
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["skipped"] == {"undecodable": 1} and report["used"] == 2
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "pipeline" / "unet")
+    assert all(torch.isfinite(p).all() for p in unet.parameters())
+
+
+def test_imagefolder_with_injected_duplication(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"image number {i}")
+    run_dir, summary = train_in_process(tmp_path, [
+        "data=imagefolder", f"data.path={folder}", "data.duplication.protocol=wen",
+        "data.duplication.num_duplicated=1", "data.duplication.repeats=6", "data.duplication.nondup_ratio=null",
+        "train_batch_size=5", "max_train_steps=2", "filter=none"])
+    rec = read_records(run_dir / "records").to_pandas()
+    assert len(rec) == 10 and rec.key.is_unique                  # 11 appearances, batch 5: one epoch of 2 batches
+    copies = rec[rec.key.str.contains("#dup")]
+    assert 0 < len(copies) and summary["dup_kept_fraction"] == 1.0
+    assert summary["samples_seen"] == 10

@@ -39,6 +39,10 @@ from train.data.transforms import BadSample, pick_caption
 
 SHARD_PATTERN = "shard-%06d.tar"
 OUTPUT_FILES = ("manifest.parquet", "shards.json", "prep_report.json", "duplicates.parquet")
+MANIFEST = pa.schema([("key", pa.string()), ("source_key", pa.string()), ("caption", pa.string()),
+                      ("source", pa.string()), ("sha256", pa.string()), ("width", pa.int64()),
+                      ("height", pa.int64()), ("dup_group", pa.int64()), ("dup_copy", pa.int64()),
+                      ("shard", pa.string()), ("ext", pa.string()), ("phash", pa.string())])
 
 
 def _dct_matrix(n: int = 32) -> np.ndarray:
@@ -115,7 +119,10 @@ def _sniff(data: bytes) -> str | None:
 
 def _encode(image: Image.Image, ext: str) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=95) if ext == "jpg" else image.save(buf, "PNG")
+    if ext == "jpg":
+        image.save(buf, "JPEG", quality=95)
+    else:
+        image.save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -212,6 +219,28 @@ class _Shards:
             self.writer = None
 
 
+class _Skips:
+    """Bad input counted once per source item: a bad item planned 200 times is one bad input."""
+
+    def __init__(self, max_examples: int):
+        self.counts, self.examples, self.sources, self.appearances = Counter(), defaultdict(list), set(), 0
+        self.max_examples = max_examples
+
+    def add(self, item: dict) -> None:
+        self.appearances += 1
+        if item["src"] in self.sources:
+            return
+        self.sources.add(item["src"])
+        reason, detail = item["skip"]
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < self.max_examples:
+            self.examples[reason].append(f"{item['source_key']}: {detail}" if detail else item["source_key"])
+
+    def report(self) -> dict:
+        return {"skipped": dict(sorted(self.counts.items())), "skipped_total": sum(self.counts.values()),
+                "skipped_appearances": self.appearances, "examples": dict(self.examples)}
+
+
 def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     old = sorted(out.glob("shard-*.tar*")) + [out / f for f in OUTPUT_FILES if (out / f).exists()]
@@ -229,7 +258,8 @@ def _duplicates(keys: list[str], shas: list[str], hashes: list[int], threshold: 
         by_sha[s].append(k)
     groups = [g for g in by_sha.values() if len(g) > 1]
     pairs = near_duplicate_pairs(np.array(hashes, dtype=np.uint64), threshold)
-    exact = np.array([shas[i] == shas[j] for i, j, _ in pairs], dtype=bool)
+    sha = np.array(shas, dtype=object)
+    exact = np.asarray(sha[pairs[:, 0]] == sha[pairs[:, 1]], dtype=bool)
     near = pairs[~exact]
     table = pa.table({"key_a": [keys[i] for i in pairs[:, 0]], "key_b": [keys[j] for j in pairs[:, 1]],
                       "hamming": pairs[:, 2].astype(np.int32), "exact": exact})
@@ -270,21 +300,13 @@ def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000
     order = np.random.default_rng(seed).permutation(n_entries) if plan is not None else np.arange(n_entries)
     loader = DataLoader(_Entries(source, order, plan, resize, captions, seed), batch_size=None,
                         num_workers=num_workers, collate_fn=_identity)
-    shards = _Shards(out, shard_size)
-    rows = defaultdict(list)
-    skipped, examples, bad_sources = Counter(), defaultdict(list), set()
-    skipped_appearances, written_keys = 0, set()
+    shards, skips = _Shards(out, shard_size), _Skips(max_examples)
+    rows, phashes, written_keys = defaultdict(list), [], set()
     for item in tqdm(loader, total=n_entries, unit="img", desc="prep", disable=not progress):
         if item["skip"] is None and item["key"] in written_keys:
             item["skip"] = ("duplicate_key", f"{item['key']} (after replacing '.' by '_') is already written")
         if item["skip"] is not None:
-            skipped_appearances += 1
-            if item["src"] not in bad_sources:        # count each bad input item once, not once per copy
-                bad_sources.add(item["src"])
-                reason, detail = item["skip"]
-                skipped[reason] += 1
-                if len(examples[reason]) < max_examples:
-                    examples[reason].append(f"{item['source_key']}: {detail}" if detail else item["source_key"])
+            skips.add(item)
             continue
         key = item["key"]
         written_keys.add(key)
@@ -296,34 +318,26 @@ def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000
             meta["caption_from"] = item["caption_from"]
         shard = shards.write({"__key__": key, item["ext"]: item["data"], "txt": item["caption"].encode("utf-8"),
                               "json": json.dumps(meta).encode("utf-8")})
-        for col, v in (("key", key), ("source_key", item["source_key"]), ("caption", item["caption"]),
-                       ("source", source.source_name), ("sha256", item["sha256"]), ("width", item["width"]),
-                       ("height", item["height"]), ("dup_group", item["group"]), ("dup_copy", item["copy"]),
-                       ("shard", shard), ("ext", item["ext"]), ("phash", f"{item['phash']:016x}")):
-            rows[col].append(v)
-        rows["_phash"].append(item["phash"])
+        row = {**item, "key": key, "source": source.source_name, "dup_group": item["group"], "dup_copy": item["copy"],
+               "shard": shard, "phash": f"{item['phash']:016x}"}
+        for col in MANIFEST.names:
+            rows[col].append(row[col])
+        phashes.append(item["phash"])
     shards.close()
 
-    phashes = rows.pop("_phash", [])
-    schema = pa.schema([(c, pa.int64() if c in ("width", "height", "dup_group", "dup_copy") else pa.string())
-                        for c in ("key", "source_key", "caption", "source", "sha256", "width", "height",
-                                  "dup_group", "dup_copy", "shard", "ext", "phash")])
-    pq.write_table(pa.table({f.name: rows.get(f.name, []) for f in schema}, schema=schema), out / "manifest.parquet")
+    pq.write_table(pa.table({c: rows[c] for c in MANIFEST.names}, schema=MANIFEST), out / "manifest.parquet")
     (out / "shards.json").write_text(json.dumps(shards.counts, indent=1))
-    firsts = [n for n, c in enumerate(rows.get("dup_copy", [])) if c == 0]     # distinct source items
+    firsts = [n for n, c in enumerate(rows["dup_copy"]) if c == 0]     # distinct source items
     exact, near, pairs = _duplicates([rows["key"][n] for n in firsts], [rows["sha256"][n] for n in firsts],
                                      [phashes[n] for n in firsts], near_dup_threshold, max_examples)
     pq.write_table(pairs, out / "duplicates.parquet")
-    written = len(rows.get("key", []))
     report = {"input": {**(input_info or {}), "source": source.source_name, "items": len(source)},
               "output_dir": str(out.resolve()), "shard_size": shard_size, "resize": resize,
-              "written": written, "shards": len(shards.counts),
-              "skipped": dict(sorted(skipped.items())), "skipped_total": sum(skipped.values()),
-              "skipped_appearances": skipped_appearances, "examples": dict(examples),
+              "written": len(rows["key"]), "shards": len(shards.counts), **skips.report(),
               "duplication": None, "exact_duplicates": exact, "near_duplicates": near,
               "seconds": round(time.time() - t0, 2)}
     if plan is not None:
-        groups = Counter(g for g in rows.get("dup_group", []) if g >= 0)
+        groups = Counter(g for g in rows["dup_group"] if g >= 0)
         report["duplication"] = {**plan.summary(), "written_duplicated_items": len(groups),
                                  "written_duplicated_entries": sum(groups.values()),
                                  "duplicated_items_lost": int(len(plan.duplicated_sources)) - len(groups)}

@@ -231,9 +231,15 @@ class WebDatasetSource(IterableDataset):
                 meta = json.loads(raw["json"])
             except (json.JSONDecodeError, UnicodeDecodeError):
                 meta = {}
-        cap = next((raw[k] for k in CAPTION_KEYS if k in raw), None)
-        caption = pick_caption(meta if cap is raw.get("json") else cap, seed=self.seed, epoch=self.epoch, key=key)
-        meta = {"dup_group": int(meta.get("dup_group", -1)) if isinstance(meta, dict) else -1,
+        if not isinstance(meta, dict):
+            meta = {}
+        if meta.get("captions"):          # every caption of a multi-caption item: one is drawn per epoch
+            cap = meta["captions"]
+        else:
+            cap = next((raw[k] for k in CAPTION_KEYS if k in raw), None)
+            cap = meta if cap is raw.get("json") else cap
+        caption = pick_caption(cap, seed=self.seed, epoch=self.epoch, key=key)
+        meta = {"dup_group": int(meta.get("dup_group", -1)), "dup_copy": int(meta.get("dup_copy", 0)),
                 "source": str(raw.get("__url__", "")), "epoch": self.epoch}
         return {"key": key, "image": image, "caption": caption, "meta": meta}
 
