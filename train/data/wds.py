@@ -216,6 +216,21 @@ class WebDatasetSource(IterableDataset):
                 batches += 1
                 yield out
 
+    def iter_samples(self) -> Iterator[dict]:
+        """Every sample of every shard once, in shard order, decoded (bad ones as skip records).
+
+        For passes over the whole set outside training (evaluation embeds the training images)."""
+        from train.data.collate import skip_record
+
+        errors: list = []
+        pipeline = wds.DataPipeline(lambda: iter({"url": u} for u in self.urls),
+                                    wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
+        for raw in pipeline:
+            try:
+                yield self._decode(raw)
+            except BadSample as e:
+                yield skip_record(raw.get("__key__", "?"), e.reason, e.detail)
+
     def _decode(self, raw: dict) -> dict:
         key = raw["__key__"]
         image_key = next((k for k in IMAGE_EXTS if k in raw), None)
