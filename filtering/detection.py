@@ -22,7 +22,8 @@ def _seed(seed: int, prompt_index: int, generation: int) -> int:
 def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
                           latent_shape: tuple[int, int, int], *, num_generations: int = 4, num_steps: int = 1,
                           num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
-                          batch_size: int = 16, generator_device: str | torch.device = "cpu") -> torch.Tensor:
+                          batch_size: int = 16, generator_device: str | torch.device = "cpu",
+                          index_offset: int = 0) -> torch.Tensor:
     """Magnitudes along the CFG trajectory: [P, num_generations, num_steps] float32.
 
     Args:
@@ -36,6 +37,7 @@ def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_e
         seed: x_T of generation j of prompt i is seeded by (seed, i, j), whatever the batching. Default 0.
         batch_size: (prompt, generation) pairs per UNet call. Default 16.
         generator_device: device of the noise generators. Default "cpu" (same noise on any device).
+        index_offset: global index of prompt 0, when a long list is scored in chunks. Default 0.
     """
     dev, dtype = prompt_embeds.device, prompt_embeds.dtype
     pairs = [(i, j) for i in range(prompt_embeds.shape[0]) for j in range(num_generations)]
@@ -46,7 +48,7 @@ def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_e
         chunk = pairs[start:start + batch_size]
         b = len(chunk)
         latents = torch.stack([torch.randn(latent_shape, generator=torch.Generator(generator_device).manual_seed(
-            _seed(seed, i, j)), device=generator_device) for i, j in chunk]).to(dev, dtype)   # [b, C, h, w]
+            _seed(seed, index_offset + i, j)), device=generator_device) for i, j in chunk]).to(dev, dtype)   # [b, C, h, w]
         latents = latents * scheduler.init_noise_sigma
         cond = prompt_embeds[[i for i, _ in chunk]]                                         # [b, L, D]
         context = torch.cat([cond, uncond_embeds.expand(b, -1, -1)])                         # [2b, L, D]

@@ -1,0 +1,184 @@
+"""One evaluation: generate for prompt sets, find each generation's nearest training image, measure quality.
+
+`evaluate` takes built objects (pipeline, training source, descriptor) and plain settings; the Hydra app
+`launch/evaluate.py` builds them from config. Everything it measures goes to report.json with the
+settings it was measured under; report.md and the PNGs are for a person.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from evaluation.generate import generate
+from evaluation.prompts import load_prompt_file, training_prompts
+from evaluation.quality import quality_metrics
+from evaluation.replication import (background_similarity, embed, match_grid, nearest_neighbours,
+                                    replication_stats, similarity_histogram)
+from evaluation.report import write_markdown
+from evaluation.training_set import fetch_images, unique_training_samples
+
+
+@dataclass
+class EvalSettings:
+    """What an evaluation does; every field is recorded in report.json.
+
+    Args:
+        num_images_per_prompt: generations per prompt. Default 4.
+        num_inference_steps, guidance_scale: sampler. Defaults 50, 7.5.
+        batch_size: images per pipeline call. Default 8.
+        resolution: generation size; None = the pipeline's. Default None.
+        seed: noise seed base (same seed, same x_T per prompt and index). Default 0.
+        training_prompts: prompt with training captions (duplicated / unique). Default True.
+        max_duplicated, max_unique: prompts per training split. Defaults 100, 100.
+        prompt_files: extra prompt files. prompt_limit: first N of each. Defaults none.
+        threshold: replication bar on similarity. Default 0.5.
+        background_sample: training items for the background distribution. Default 2000.
+        grid_rows: top matches in the grid. Default 12.
+        inception_path, clip_path: quality weights; None = skipped with a note.
+        max_reference: reference images for FID. Default 5000.
+    """
+
+    num_images_per_prompt: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    resolution: int | None = None
+    seed: int = 0
+    training_prompts: bool = True
+    max_duplicated: int | None = 100
+    max_unique: int | None = 100
+    prompt_files: list[str] = field(default_factory=list)
+    prompt_limit: int | None = None
+    threshold: float = 0.5
+    background_sample: int = 2000
+    grid_rows: int = 12
+    inception_path: str | None = None
+    clip_path: str | None = None
+    max_reference: int = 5000
+
+
+def evaluate(pipe, training_source, descriptor, out_dir: str | Path, settings: EvalSettings = EvalSettings(),
+             cache_dir: str | Path | None = None, reference_images: list | None = None,
+             run_info: dict | None = None) -> dict:
+    """Generate, measure replication and quality, write report.json / report.md / PNGs into out_dir.
+
+    Args:
+        pipe: StableDiffusionPipeline to sample from.
+        training_source: the run's training data source (Samples with key, image, caption, meta).
+        descriptor: evaluation.descriptors.Descriptor (SSCD or the named fallback).
+        out_dir: where the report and generations go.
+        settings: EvalSettings.
+        cache_dir: training descriptor cache. Default <out_dir>/cache.
+        reference_images: reference set for FID; default a sample of the training images.
+        run_info: what was evaluated (run dir, pipeline, policy), copied into the report.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = settings
+
+    # 1. training set: metadata for prompts, descriptors for the search (cached)
+    meta: list[dict] = []
+    reference: list[Image.Image] = []
+
+    def train_images():
+        for sample in unique_training_samples(training_source):
+            meta.append({"key": sample["key"], "caption": sample["caption"], "meta": sample["meta"]})
+            if reference_images is None and len(reference) < s.max_reference:
+                reference.append(sample["image"])
+            yield sample["key"], sample["image"]
+
+    train_keys, train_desc = embed(descriptor, train_images(), cache_dir=cache_dir or out / "cache")
+    train_dup = {m["key"]: int(m["meta"].get("dup_group", -1)) for m in meta}
+
+    # 2. prompt sets
+    sets: dict[str, list[dict]] = {}
+    if s.training_prompts:
+        sets.update(training_prompts(meta, s.max_duplicated, s.max_unique, seed=s.seed))
+    for f in s.prompt_files:
+        sets[Path(f).stem] = load_prompt_file(f, limit=s.prompt_limit)
+    sets = {k: v for k, v in sets.items() if v}
+
+    # 3. generate, embed, search
+    rows = []
+    for name, prompts in sets.items():
+        rows += generate(pipe, prompts, out / "generations", set_name=name,
+                         num_images_per_prompt=s.num_images_per_prompt, seed=s.seed, batch_size=s.batch_size,
+                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                         resolution=s.resolution)
+    images = [Image.open(r["path"]).convert("RGB") for r in rows]
+    gen_desc = torch.cat([descriptor(images[i:i + 64]) for i in range(0, len(images), 64)]) if images else \
+        torch.zeros(0, descriptor.dim)
+    sims, idx = nearest_neighbours(gen_desc, train_desc, k=1)
+    for r, sim, i in zip(rows, sims[:, 0].tolist(), idx[:, 0].tolist()):
+        r["nn_key"] = train_keys[i]
+        r["similarity"] = float(sim)
+        r["nn_is_own_item"] = r["nn_key"] in set(r["train_keys"])
+        r["nn_dup_group"] = train_dup.get(r["nn_key"], -1)
+        r["replicated"] = r["similarity"] > s.threshold
+    pq.write_table(pa.Table.from_pylist(rows), out / "generations.parquet")
+
+    # 4. statistics: per set, per prompt (max over its generations), background
+    per_set = {}
+    for name in sets:
+        sel = [r for r in rows if r["set"] == name]
+        sim = np.array([r["similarity"] for r in sel])
+        per_prompt = {}
+        for r in sel:
+            per_prompt[r["prompt_id"]] = max(per_prompt.get(r["prompt_id"], -1.0), r["similarity"])
+        pp = np.array(list(per_prompt.values()))
+        per_set[name] = {**replication_stats(sim, s.threshold),
+                         "prompts": len(per_prompt),
+                         "prompt_max_mean": float(pp.mean()) if pp.size else None,
+                         "prompt_frac_above": float((pp > s.threshold).mean()) if pp.size else None}
+        labels = sorted({r["label"] for r in sel if r["label"]})
+        if labels:                                         # e.g. VM / TM rows of the memorized prompt files
+            per_set[name]["by_label"] = {lab: replication_stats(np.array([r["similarity"] for r in sel
+                                                                          if r["label"] == lab]), s.threshold)
+                                         for lab in labels}
+    background = background_similarity(train_desc, sample=s.background_sample, seed=s.seed)
+    background_stats = replication_stats(background, s.threshold) if len(background) else None
+
+    # 5. pictures: histograms and the top-match grid
+    groups = {name: np.array([r["similarity"] for r in rows if r["set"] == name]) for name in sets}
+    if len(background):
+        groups["train vs train (background)"] = np.asarray(background)
+    similarity_histogram(groups, out / "similarity_hist.png", threshold=s.threshold,
+                         title=f"nearest training image ({descriptor.describe()['name']})")
+    top = sorted(range(len(rows)), key=lambda i: -rows[i]["similarity"])[:s.grid_rows]
+    matches = fetch_images(training_source, {rows[i]["nn_key"] for i in top})
+    match_grid([{"generated": images[i], "match": matches.get(rows[i]["nn_key"]),
+                 "similarity": rows[i]["similarity"], "prompt": rows[i]["prompt"]} for i in top],
+               out / "top_matches.png")
+
+    # 6. quality (each metric measured or skipped with its reason)
+    # quality on the prompts that should not replicate (all of them if there are only duplicated ones)
+    q_idx = [i for i, r in enumerate(rows) if r["set"] != "duplicated"] or list(range(len(rows)))
+    quality = quality_metrics([images[i] for i in q_idx],
+                              reference_images if reference_images is not None else reference,
+                              [rows[i]["prompt"] for i in q_idx], inception_path=s.inception_path,
+                              clip_path=s.clip_path, device=str(pipe.device))
+
+    report = {
+        "evaluated": run_info or {},
+        "settings": asdict(s),
+        "descriptor": descriptor.describe(),
+        "training_images": len(train_keys),
+        "replication": per_set,
+        "background": background_stats,
+        "quality": quality,
+        "files": {"generations": "generations.parquet", "histogram": "similarity_hist.png",
+                  "grid": "top_matches.png", "images": "generations/"},
+        "wall_seconds": round(time.time() - t0, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_markdown(report, out / "report.md")
+    return report

@@ -1,0 +1,107 @@
+"""Evaluate a run: replication against its training images (SSCD or the named fallback) and quality.
+
+    python launch/evaluate.py run_dir=outputs/train/<run>
+    python launch/evaluate.py run_dir=<run> evaluation.descriptor=sscd evaluation.sscd_path=<file> \
+        evaluation.inception_path=<file> evaluation.clip_path=<dir>
+    python launch/evaluate.py compare=[outputs/train/a,outputs/train/b] output_dir=outputs/compare
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from launch.config_check import ConfigError  # noqa: E402
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate cfg.run_dir (or compare cfg.compare); returns the report."""
+    from evaluation.report import compare
+
+    if cfg.compare:
+        reports = {}
+        for d in cfg.compare:
+            path = Path(d) / "eval" / "report.json" if (Path(d) / "eval").is_dir() else Path(d) / "report.json"
+            if not path.exists():
+                raise ConfigError(f"compare: {d} has no evaluation report ({path}); run "
+                                  f"`python launch/evaluate.py run_dir={d}` first")
+            reports[Path(d).name] = json.loads(path.read_text())
+        out = Path(cfg.output_dir or f"outputs/compare/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+        compare(reports, out)
+        print(f"comparison of {len(reports)} runs: {out / 'compare.md'}")
+        return {"compare": str(out)}
+    if not cfg.run_dir:
+        raise ConfigError("run_dir is required: python launch/evaluate.py run_dir=<a memfilter run directory> "
+                          "(or compare=[run_a,run_b])")
+    return evaluate_run(cfg)
+
+
+def evaluate_run(cfg: DictConfig) -> dict:
+    from evaluation.descriptors import load_descriptor
+    from evaluation.evaluate import EvalSettings, evaluate
+    from evaluation.generate import load_pipeline
+    from launch.builders import build_dataset
+
+    run_dir = Path(cfg.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"run_dir={run_dir}: no config.yaml; give the directory of a memfilter training run")
+    train_cfg = OmegaConf.load(run_dir / "config.yaml")
+    e = cfg.evaluation
+    pipeline = cfg.pipeline or run_dir / "pipeline"
+    if not cfg.pipeline and not (run_dir / "pipeline" / "model_index.json").exists():
+        raise ConfigError(f"run_dir={run_dir}: no final pipeline (pipeline/model_index.json); the run did not "
+                          "finish: resume it, or name a pipeline with pipeline=<dir>")
+    device = _device(cfg.device)
+    try:
+        descriptor = load_descriptor(e.descriptor, e.sscd_path, e.preprocessing, device=device)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    for key in ("inception_path", "clip_path"):
+        if e[key] and not Path(e[key]).exists():
+            raise ConfigError(f"evaluation.{key}={e[key]}: no such file or directory")
+    source = build_dataset(train_cfg.data, train_cfg.resolution, train_cfg.seed)
+    names = {f.name for f in dataclasses.fields(EvalSettings)}
+    settings = EvalSettings(**{k: v for k, v in OmegaConf.to_container(e, resolve=True).items() if k in names},
+                            seed=cfg.seed)
+    if settings.resolution is None:
+        settings.resolution = int(train_cfg.resolution)
+    reference = None
+    if e.quality_reference != "training":
+        from evaluation.training_set import iter_samples
+        from train.data.imagefolder import ImageFolderSource
+        ref = ImageFolderSource(e.quality_reference)
+        reference = [s["image"] for s in iter_samples(ref) if "skip" not in s][:e.max_reference]
+    out = Path(cfg.output_dir or run_dir / "eval")
+    info = {"name": run_dir.name, "run_dir": str(run_dir), "pipeline": str(pipeline),
+            "filter": train_cfg.filter.get("name"), "steps": train_cfg.get("max_train_steps")}
+    report = evaluate(load_pipeline(pipeline, device), source, descriptor, out, settings,
+                      cache_dir=e.cache_dir, reference_images=reference, run_info=info)
+    print((out / "report.md").read_text())
+    return report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"memfilter: invalid config: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
