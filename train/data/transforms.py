@@ -152,5 +152,6 @@ class ImageTransform:
         image = image.crop((left, top, left + r, top + r))
         if self.random_flip and rng_for(self.seed, epoch, key, "flip").random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0              # [H, W, 3]
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()           # [3, H, W]
+        arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)         # [3, H, W]
+        # numpy, not torch, for the layout change: torch's intra-op threads make this small copy slow
+        return torch.from_numpy(np.ascontiguousarray(arr) / 127.5 - 1.0)
