@@ -452,7 +452,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
     # --- the end: records, pipeline, summary -----------------------------------------------------
     records.flush()
     accelerator.wait_for_everyone()
-    if args.checkpointing_steps and not (run_dir / f"checkpoint-{state.global_step}").exists():
+    if args.checkpointing_steps and state.global_step % args.checkpointing_steps:   # same answer on every rank
         checkpoint()
     validate("final")
     summary = {}
