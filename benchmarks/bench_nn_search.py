@@ -36,6 +36,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from evaluation.replication import nearest_neighbours  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import PeakRss  # noqa: E402
 
 GiB, MiB = 2 ** 30, 2 ** 20
 
@@ -64,38 +66,6 @@ def timed(fn, device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
-
-
-class PeakRss:
-    """Peak resident set size inside a `with` block, in bytes (VmHWM where the kernel lets us reset it)."""
-
-    def __init__(self):
-        self.peak, self._proc, self._stop, self._thread = 0, psutil.Process(), threading.Event(), None
-
-    def rss(self) -> int:
-        return self._proc.memory_info().rss
-
-    def __enter__(self) -> "PeakRss":
-        try:
-            Path("/proc/self/clear_refs").write_text("5")                  # VmHWM := current RSS
-        except OSError:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is None:
-            hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM"))
-            self.peak = int(hwm.split()[1]) * 1024
-        else:
-            self._stop.set()
-            self._thread.join()
-        self.peak = max(self.peak, self.rss())
 
 
 def throughput(args: argparse.Namespace, device: torch.device) -> dict:

@@ -12,6 +12,17 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and how to fix it."""
 
 
+def run_or_exit(run, cfg: DictConfig) -> None:
+    """Body of every Hydra app: run, and turn a ConfigError into one clear line and exit status 2."""
+    import sys
+
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"memfilter: invalid config: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _get(cfg: DictConfig, key: str):
     node = cfg
     for part in key.split("."):

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launch.config_check import ConfigError  # noqa: E402
+from launch.config_check import ConfigError, run_or_exit  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
@@ -68,11 +68,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="detect")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as err:
-        print(f"memfilter: invalid config: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

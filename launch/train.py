@@ -18,7 +18,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, check_train_config  # noqa: E402
+from launch.config_check import ConfigError, check_train_config, run_or_exit  # noqa: E402
 
 log = logging.getLogger("memfilter")
 
@@ -90,11 +90,7 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"memfilter: invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

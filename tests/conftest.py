@@ -61,6 +61,17 @@ def run_cmd(cmd: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensor ops: on a busy 2-core machine two threads are far slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -26,13 +26,7 @@ class StandInInception(torch.nn.Module):
         return f if return_features else self.head(f)                                        # [N, 10]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls (KID's 10x64 kernels): one intra-op thread is far faster than two on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny ops: one intra-op thread is faster
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ B, C, H, W = 4, 4, 8, 8   # latents of a 16 px image through a 2x VAE
 L, D = 7, 32              # prompt length, cross-attention width
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: one intra-op thread is ~100x faster than two on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny ops: one intra-op thread is faster
 
 
 @pytest.fixture(scope="module")
