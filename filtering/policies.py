@@ -34,7 +34,8 @@ class FilterPolicy:
             timesteps: [N] integer timesteps (used by timestep-aware policies).
             eligible: [N] bool, samples the policy judges; the others (e.g. samples whose caption was
                 dropped for classifier-free guidance, whose magnitude is 0 by construction) are kept
-                and do not enter the statistics. Default: all eligible.
+                and do not enter the statistics. Default: all eligible. A non-finite magnitude is dropped
+                and never enters the statistics.
         Returns:
             [N] bool, True = the sample stays in the loss.
         """
@@ -42,6 +43,9 @@ class FilterPolicy:
         t = None if timesteps is None else timesteps.detach().long().cpu()
         elig = torch.ones_like(m, dtype=torch.bool) if eligible is None else eligible.detach().bool().cpu()
         keep = torch.ones_like(m, dtype=torch.bool)
+        broken = elig & ~torch.isfinite(m)      # a NaN/inf magnitude is dropped and kept out of the statistics
+        keep[broken] = False
+        elig = elig & ~broken
         if elig.any():
             keep[elig] = self._decide(m[elig], None if t is None else t[elig])
         return keep.to(magnitudes.device)
@@ -64,6 +68,10 @@ class NoFilter(FilterPolicy):
     """Keeps everything: the baseline."""
 
     name = "none"
+
+    def decide(self, magnitudes, timesteps=None, eligible=None):
+        # everything, even a NaN magnitude (m is NaN when a plain fine-tune does not measure it)
+        return torch.ones_like(magnitudes, dtype=torch.bool)
 
     def _decide(self, m, t):
         return torch.ones_like(m, dtype=torch.bool)

@@ -71,6 +71,8 @@ _RULES = [
     ("model.prediction_type", lambda v: v in (None, "epsilon", "v_prediction"), "null, epsilon or v_prediction"),
     ("model.lora.rank", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: full fine-tuning)"),
     ("logger.name", lambda v: v in ("wandb", "none"), "wandb or none (pick with logger=wandb / logger=none)"),
+    ("interpolation", lambda v: v in ("bicubic", "lanczos", "bilinear"), "bicubic, lanczos or bilinear"),
+    ("resume_from_checkpoint", lambda v: v is None or isinstance(v, str), "null, latest or a checkpoint path"),
 ]
 
 _FILTER_RULES = {
@@ -107,6 +109,9 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if cfg.use_ema and cfg.model.lora.rank:
         raise ConfigError("use_ema=true with model.lora.rank>0: EMA of LoRA adapters is not supported; "
                           "set use_ema=false or model.lora.rank=0")
+    if name in ("running_quantile", "timestep") and cfg.filter.warmup > cfg.filter.window:
+        raise ConfigError(f"filter.warmup={cfg.filter.warmup} > filter.window={cfg.filter.window}: the filter would "
+                          "never start; lower filter.warmup or raise filter.window")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r}: must be offline, online or disabled")
 

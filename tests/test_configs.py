@@ -60,7 +60,15 @@ def test_caption_dropout_samples_are_kept_and_have_zero_magnitude(tmp_path):
 
 @pytest.mark.slow
 def test_bf16_mixed_precision_runs(tmp_path):
-    proc = run_cmd(launch_cmd(tmp_path / "run", ["mixed_precision=bf16", "max_train_steps=2"]))
+    proc = run_cmd(launch_cmd(tmp_path / "run", ["mixed_precision=bf16", "max_train_steps=2",
+                                                 "validation_prompts=[a red circle]", "validation_inference_steps=2"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = read_records(tmp_path / "run" / "records").to_pandas()
     assert len(rec) == 8 and np.isfinite(rec.magnitude).all() and np.isfinite(rec.loss).all()
+    assert (tmp_path / "run" / "samples" / "final" / "000-00.png").exists()      # validation under autocast
+    # the exported pipeline is all fp32 and samples as loaded, without a dtype argument
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {torch.float32}
+    image = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np").images[0]
+    assert np.isfinite(image).all()

@@ -334,3 +334,12 @@ def test_build_policy_by_name():
     with pytest.raises(ValueError, match="filter.name") as err:
         build_policy("threshold_by_vibes")
     assert "threshold_by_vibes" in str(err.value)
+
+
+def test_a_nan_magnitude_is_dropped_and_kept_out_of_the_statistics():
+    from filtering.policies import RunningQuantile
+    p = RunningQuantile(quantile=0.5, window=100, warmup=4)
+    p.decide(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    keep = p.decide(torch.tensor([float("nan"), 1.0, 5.0]))
+    assert keep.tolist() == [False, True, False]
+    assert torch.isfinite(p.state_dict()["values"]).all() and p.state_dict()["values"].numel() == 6

@@ -162,3 +162,15 @@ def test_missing_shards_stop_at_start(tmp_path):
         WebDatasetSource(str(tmp_path / "nothing-{000..003}.tar"))
     with pytest.raises(ValueError, match="data.shards"):
         WebDatasetSource([])
+
+
+def test_shards_without_a_usable_sample_stop_instead_of_looping(tmp_path):
+    folder = tmp_path / "unusable"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as w:
+        for i in range(3):
+            w.write({"__key__": f"u{i}", "png": png()})          # no caption anywhere
+    src = WebDatasetSource(str(folder / "shard-000000.tar"), seed=0, shuffle_buffer=0, samples_per_epoch=2)
+    src.bind(COLLATE, rank=0, world_size=1, batch_size=1)
+    with pytest.raises(RuntimeError, match="no usable sample.*missing_caption"):
+        list(DataLoader(src, batch_size=None, num_workers=0))

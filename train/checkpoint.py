@@ -112,6 +112,7 @@ def save_checkpoint(accelerator, run_dir: str | os.PathLike, step: int, stateful
                 shutil.rmtree(p)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()          # every rank's files are in tmp before it is renamed
     if accelerator.is_main_process:
         for name, obj in stateful.items():
             save_state_dict(obj.state_dict(), tmp, name)

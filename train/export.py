@@ -57,7 +57,7 @@ def export_pipeline(components: Components, unet, out_dir: str | Path, lora: boo
             save_directory=out_dir.parent / "lora",
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
             safe_serialization=True)
-        unet = copy.deepcopy(unet)
+        unet = copy.deepcopy(unet).to(torch.float32)   # fuse in fp32: small deltas vanish in bf16 weights
         unet.fuse_lora()
         unet.unload_lora()
     build_pipeline(components, unet.to(torch.float32)).save_pretrained(out_dir, safe_serialization=True)

@@ -20,6 +20,7 @@ run takes the same decisions and reaches the same weights as an uninterrupted on
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -202,24 +203,6 @@ def _data_stream(accelerator, dataloader, state: "TrainState", num_workers: int)
         epoch, skip = epoch + 1, 0
 
 
-class _Reports:
-    """The data reports of every rank, gathered for a checkpoint; each rank restores its own."""
-
-    def __init__(self, accelerator, report: DataReport):
-        self.accelerator, self.report, self.gathered = accelerator, report, []
-
-    def gather(self) -> list[dict]:
-        from accelerate.utils import gather_object
-        self.gathered = gather_object([self.report.state_dict()])
-        return self.gathered
-
-    def state_dict(self) -> dict:
-        return {"ranks": self.gathered}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.report.load_state_dict(state["ranks"][self.accelerator.process_index])
-
-
 class _Window:
     """Step statistics gathered between two log lines (main process only)."""
 
@@ -233,6 +216,27 @@ class _Window:
         out = torch.cat(self.rows) if self.rows else torch.zeros(0, 6)
         self.rows = []
         return out
+
+
+class _RankStates:
+    """What differs between ranks (data report, streaming positions), gathered for a checkpoint;
+    on resume each rank takes back its own entry."""
+
+    def __init__(self, accelerator, report: DataReport, state: "TrainState"):
+        self.accelerator, self.report, self.state, self.gathered = accelerator, report, state, []
+
+    def gather(self) -> list[dict]:
+        from accelerate.utils import gather_object
+        self.gathered = gather_object([{"report": self.report.state_dict(), "positions": dict(self.state.positions)}])
+        return self.gathered
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.gathered}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = state["ranks"][self.accelerator.process_index]
+        self.report.load_state_dict(mine["report"])
+        self.state.positions = dict(mine["positions"])
 
 
 def train(accelerator, components: Components, dataset, policy: FilterPolicy, args: TrainArgs,
@@ -261,12 +265,21 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # --- models: only the UNet (or its LoRA adapters) trains --------------------------------------
+    from accelerate.utils import DistributedType
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise ValueError(f"{accelerator.distributed_type} is not supported yet: the loop normalises gradients "
+                         "by the global kept count itself and exports on rank 0; use DDP (multi_gpu)")
     c = components
+    # the exported pipeline gets the frozen modules in full precision, not their training-time casts
+    export_c = Components(c.tokenizer, copy.deepcopy(c.text_encoder), copy.deepcopy(c.vae), c.unet,
+                          c.noise_scheduler) if weight_dtype != torch.float32 else c
     c.vae.requires_grad_(False).to(dev, dtype=weight_dtype)
     c.text_encoder.requires_grad_(False).to(dev, dtype=weight_dtype)
     unet = c.unet
     if args.lora_rank:
-        add_lora(unet, args.lora_rank)
+        with torch.random.fork_rng(devices=[]):      # the same adapters for every run with this seed
+            torch.manual_seed(args.seed)
+            add_lora(unet, args.lora_rank)
         unet.to(dev, dtype=weight_dtype)
         for p in unet.parameters():          # trainable adapters stay in fp32 (diffusers' recipe)
             if p.requires_grad:
@@ -304,6 +317,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
         batches_per_epoch = len(dataloader)
     raw_unet = accelerator.unwrap_model(unet)
+    params = [p for p in unet.parameters() if p.requires_grad]     # as prepared (wrappers may replace them)
     if batches_per_epoch == 0:
         raise ValueError(f"data: {len(dataset)} samples give no full batch of train_batch_size="
                          f"{args.train_batch_size} on {world} processes; lower train_batch_size or add data")
@@ -322,8 +336,9 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
     # --- resume -----------------------------------------------------------------------------------
     state = TrainState()
     data_report = DataReport()
-    reports = _Reports(accelerator, data_report)
-    stateful = {"train_state": state, "lr_scheduler": lr_scheduler, "policy": policy, "data_report": reports}
+    reports = _RankStates(accelerator, data_report, state)
+    # order matters: the per-rank entry is loaded after train_state and overrides its positions
+    stateful = {"train_state": state, "lr_scheduler": lr_scheduler, "policy": policy, "rank_states": reports}
     if ema is not None:
         stateful["ema"] = ema
     records = RecordWriter(run_dir / "records", rank, flush_every=args.records_flush_every)
@@ -333,16 +348,20 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
             accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {run_dir}, starting a new run")
         else:
             meta = load_checkpoint(accelerator, path, stateful)
-            if (meta["world_size"], meta["train_batch_size"]) != (world, args.train_batch_size):
+            saved_workers = (meta.get("config") or {}).get("dataloader_num_workers", args.dataloader_num_workers)
+            if (meta["world_size"], meta["train_batch_size"]) != (world, args.train_batch_size) or \
+                    (streaming and saved_workers != args.dataloader_num_workers):
                 raise ValueError(f"{path} was written by {meta['world_size']} processes x train_batch_size="
-                                 f"{meta['train_batch_size']}; resume with the same values to continue "
-                                 f"the same data order")
+                                 f"{meta['train_batch_size']} (dataloader_num_workers={saved_workers}); resume "
+                                 f"with the same values to continue the same data order")
             if ema is not None:
                 ema.to(dev)
-            dropped = records.truncate_after(state.global_step)
             accelerator.print(f"resumed from {path} at step {state.global_step} "
-                              f"(epoch {state.epoch}, batch {state.batches_in_epoch}); "
-                              f"dropped {dropped} records written after it")
+                              f"(epoch {state.epoch}, batch {state.batches_in_epoch})")
+    # records past the restored step (all of them for a fresh start) belong to a run that did not finish
+    dropped = records.truncate_after(state.global_step)
+    if dropped:
+        accelerator.print(f"removed {dropped} records written after step {state.global_step} by an earlier attempt")
 
     def checkpoint():
         records.flush()
@@ -359,10 +378,11 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                 ema.store(raw_unet.parameters())
                 ema.copy_to(raw_unet.parameters())
             raw_unet.eval()
-            images = validation_images(c, raw_unet, list(args.validation_prompts),
-                                       num_images=args.num_validation_images,
-                                       num_inference_steps=args.validation_inference_steps,
-                                       resolution=args.resolution, seed=args.seed, device=dev)
+            with accelerator.autocast():      # frozen modules are in weight_dtype, the UNet in fp32
+                images = validation_images(c, raw_unet, list(args.validation_prompts),
+                                           num_images=args.num_validation_images,
+                                           num_inference_steps=args.validation_inference_steps,
+                                           resolution=args.resolution, seed=args.seed, device=dev)
             raw_unet.train()
             if ema is not None:
                 ema.restore(raw_unet.parameters())
@@ -456,12 +476,12 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         checkpoint()
     validate("final")
     summary = {}
-    data_summary = merge_reports(reports.gather())
+    data_summary = merge_reports([g["report"] for g in reports.gather()])
     if accelerator.is_main_process:
         write_report(run_dir / "data_report.json", data_summary)
         if ema is not None:
             ema.copy_to(raw_unet.parameters())
-        export_pipeline(c, raw_unet, run_dir / "pipeline", lora=bool(args.lora_rank))
+        export_pipeline(export_c, raw_unet, run_dir / "pipeline", lora=bool(args.lora_rank))
         summary = {
             "steps": state.global_step, "skipped_steps": state.skipped_steps,
             "epochs": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 3),

@@ -96,6 +96,9 @@ def filtered_diffusion_step(
                               device=dev).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     ptype = noise_scheduler.config.prediction_type
+    if ptype not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={ptype!r}: training supports epsilon and v_prediction "
+                         "(set model.prediction_type)")
     target = noise if ptype == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
 
     pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample  # [B,C,h,w], grad
@@ -125,7 +128,7 @@ def filtered_diffusion_step(
     keep_global = policy.decide(g[:, 0], g[:, 1].long(), g[:, 2].bool() & g_valid) & g_valid   # same on every rank
     g = g[:, :5]
     keep = keep_global[rank * width:rank * width + b].to(dev)
-    # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the sum
+    # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the forward sum
     loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible,

@@ -181,16 +181,17 @@ class WebDatasetSource(IterableDataset):
                 if self.shuffle_buffer:
                     rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{logical}/{n_pass}")
                     stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-                empty = True
+                good_before, start = counts["good"], position
                 for raw in wds.DataPipeline(*stages):
-                    empty = False
                     yield n_pass, raw
-                if empty:
+                if counts["good"] == good_before and start >= resume_at:     # a whole decoded pass, nothing usable
                     raise RuntimeError(f"data.shards: the shards of rank {self.rank} worker {logical} hold no "
-                                       f"readable sample ({shards[:3]}...)")
+                                       f"usable sample ({shards[:3]}...; problems: "
+                                       f"{sorted({r for _, r, _ in skipped})})")
 
         resume_at = self.positions.get(logical, 0) if self.start_batch else 0
         position, seen_keys, batch, batches = 0, set(), [], done
+        counts = {"good": 0}
         samples = raw_stream()
         while batches < quota:
             n_pass, raw = next(samples)
@@ -205,6 +206,7 @@ class WebDatasetSource(IterableDataset):
                     raise BadSample("duplicate_key", str(raw.get("__url__", "")))
                 seen_keys.add(key)
                 batch.append(self._decode(raw))
+                counts["good"] += 1
             except BadSample as e:
                 skipped.append((key, e.reason, e.detail))
             if len(batch) == self.batch_size:
