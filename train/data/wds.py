@@ -118,6 +118,9 @@ class WebDatasetSource(IterableDataset):
 
     def bind(self, collate, *, rank: int, world_size: int, batch_size: int) -> None:
         """What only the training loop knows: the collate (tokenizer, transforms) and the process layout."""
+        if len(self.urls) < world_size:
+            raise ValueError(f"data.shards: {len(self.urls)} shard(s) for {world_size} processes; every process "
+                             "needs at least one: write smaller shards (prep shard_size) or use fewer processes")
         self.collate, self.rank, self.world_size, self.batch_size = collate, rank, world_size, batch_size
 
     # -- epoch plan ------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class WebDatasetSource(IterableDataset):
                 seen_keys.add(key)
                 continue
             try:
-                if key in seen_keys and not refill:
+                if key in seen_keys and not refill and not self.resampled:   # resampled: repeats are by design
                     raise BadSample("duplicate_key", str(raw.get("__url__", "")))
                 seen_keys.add(key)
                 batch.append(self._decode(raw))
