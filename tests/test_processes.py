@@ -1,10 +1,12 @@
 """Real processes: a 2-process `accelerate launch` run (gloo on CPU), SIGKILL and resume, bad overrides."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 
 from filtering.records import read_records
 from tests.conftest import REPO, launch_cmd, run_cmd
-from tests.test_wds import write_shards
+from tests.test_wds import png, write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -109,3 +111,37 @@ def test_bad_override_stops_at_start_naming_the_key(tmp_path, override, expected
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert not (tmp_path / "run" / "checkpoint-2").exists()
+
+
+def test_two_process_streaming_resume_with_a_bad_sample_on_one_rank(tmp_path):
+    """Each rank's stream position is its own: resuming 2 ranks whose streams differ (a corrupt sample on one
+    of them) continues both exactly."""
+    import shutil
+
+    import webdataset as wds
+    from train.data.wds import WebDatasetSource
+    pattern = write_shards(tmp_path / "shards", n_shards=4, per_shard=6)
+    for url in WebDatasetSource(pattern, seed=0)._epoch_shards(0)[1::2]:     # rank 1's shards in epoch 0
+        with wds.TarWriter(url) as w:                                         # start with 3 corrupt members
+            for i in range(6):
+                w.write({"__key__": f"{Path(url).stem}-{i}", "jpg" if i < 3 else "png": b"broken" if i < 3 else png(),
+                         "txt": f"sample {i}"})
+    args = ["data=webdataset", f"data.shards='{pattern}'", "data.shuffle_buffer=3", "train_batch_size=2",
+            "max_train_steps=4", "checkpointing_steps=2", "proportion_empty_prompts=0"]
+    full = tmp_path / "full"
+    proc = run_cmd(launch_cmd(full, args, num_processes=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((full / "data_report.json").read_text())
+    assert report["skipped"]["undecodable"] >= 3           # rank 1's stream ran ahead of rank 0's
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    proc = run_cmd(launch_cmd(resumed, args + ["resume_from_checkpoint=latest"], num_processes=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _unet_weights(full), _unet_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = read_records(full / "records").to_pandas()
+    rb = read_records(resumed / "records").to_pandas()
+    late = ra[ra.step > 2].sort_values(["step", "rank", "key"]).reset_index(drop=True)
+    rb = rb.sort_values(["step", "rank", "key"]).reset_index(drop=True)
+    assert (late.key == rb.key).all() and (late["rank"] == rb["rank"]).all() and len(rb) == 2 * 2 * 2
