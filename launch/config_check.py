@@ -30,7 +30,7 @@ def _get(cfg: DictConfig, key: str):
     return node
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -40,12 +40,12 @@ def _is_num(v) -> bool:
 
 # (key, test, what the value must be); tests see the value as OmegaConf returns it.
 _RULES = [
-    ("seed", _is_int, "an integer"),
-    ("train_batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1, e.g. train_batch_size=8"),
-    ("num_train_epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("max_train_steps", lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    ("gradient_accumulation_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("resolution", lambda v: v is None or (_is_int(v) and v >= 8 and v % 8 == 0),
+    ("seed", is_int, "an integer"),
+    ("train_batch_size", lambda v: is_int(v) and v >= 1, "an integer >= 1, e.g. train_batch_size=8"),
+    ("num_train_epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("max_train_steps", lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    ("gradient_accumulation_steps", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("resolution", lambda v: v is None or (is_int(v) and v >= 8 and v % 8 == 0),
      "null (the model's size) or a multiple of 8, e.g. resolution=512"),
     ("mixed_precision", lambda v: v in (None, "no", "fp16", "bf16"), "one of null, no, fp16, bf16"),
     ("max_grad_norm", lambda v: _is_num(v) and v >= 0, "a number >= 0 (0 disables clipping)"),
@@ -53,23 +53,23 @@ _RULES = [
     ("noise_offset", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     ("proportion_empty_prompts", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("ema_decay", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1), e.g. ema_decay=0.9999"),
-    ("checkpointing_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: no checkpoints)"),
-    ("checkpoints_total_limit", lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1"),
-    ("validation_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
-    ("num_validation_images", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("validation_inference_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("logging_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    ("dataloader_num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    ("records_flush_every", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("checkpointing_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: no checkpoints)"),
+    ("checkpoints_total_limit", lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    ("validation_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: only at the end)"),
+    ("num_validation_images", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("validation_inference_steps", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("logging_steps", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("dataloader_num_workers", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    ("records_flush_every", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("optim.learning_rate", lambda v: _is_num(v) and v > 0, "a number > 0, e.g. optim.learning_rate=1e-5"),
     ("optim.lr_scheduler", lambda v: v in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
-    ("optim.lr_warmup_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("optim.lr_warmup_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     ("optim.adam_beta1", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("optim.adam_beta2", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     ("optim.adam_weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     ("optim.adam_epsilon", lambda v: _is_num(v) and v > 0, "a number > 0"),
     ("model.prediction_type", lambda v: v in (None, "epsilon", "v_prediction"), "null, epsilon or v_prediction"),
-    ("model.lora.rank", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: full fine-tuning)"),
+    ("model.lora.rank", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: full fine-tuning)"),
     ("logger.name", lambda v: v in ("wandb", "none"), "wandb or none (pick with logger=wandb / logger=none)"),
     ("interpolation", lambda v: v in ("bicubic", "lanczos", "bilinear"), "bicubic, lanczos or bilinear"),
     ("resume_from_checkpoint", lambda v: v is None or isinstance(v, str), "null, latest or a checkpoint path"),
@@ -80,16 +80,16 @@ _FILTER_RULES = {
     "batch_quantile": [("drop_fraction", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")],
     "running_quantile": [
         ("quantile", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1), e.g. filter.quantile=0.9"),
-        ("window", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        ("warmup", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("update_with", lambda v: v in ("all", "kept"), "all or kept")],
     "timestep": [
-        ("num_buckets", lambda v: _is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
+        ("num_buckets", lambda v: is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
         ("statistic", lambda v: v in ("median_mad", "quantile", "mean_std"), "median_mad, quantile or mean_std"),
         ("k", lambda v: _is_num(v) and v > 0, "a number > 0, e.g. filter.k=3"),
         ("quantile", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
-        ("window", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        ("warmup", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("update_with", lambda v: v in ("all", "kept"), "all or kept")],
     "none": [],
 }
@@ -98,12 +98,12 @@ _FILTER_RULES = {
 def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     """Raise ConfigError for the first value that cannot work."""
     for key, ok, must in _RULES:
-        _check(cfg, key, ok, must)
+        check_value(cfg, key, ok, must)
     name = cfg.filter.get("name")
     if name not in _FILTER_RULES:
         raise ConfigError(f"filter.name={name!r}: unknown filter; choose filter=<{' | '.join(_FILTER_RULES)}>")
     for key, ok, must in _FILTER_RULES[name]:
-        _check(cfg, f"filter.{key}", ok, must)
+        check_value(cfg, f"filter.{key}", ok, must)
     if cfg.mixed_precision == "fp16" and not cuda_available:
         raise ConfigError("mixed_precision=fp16 needs a CUDA GPU; on CPU use mixed_precision=bf16 or no")
     if cfg.use_ema and cfg.model.lora.rank:
@@ -116,7 +116,7 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
         raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r}: must be offline, online or disabled")
 
 
-def _check(cfg, key, ok, must):
+def check_value(cfg, key, ok, must):
     try:
         value = _get(cfg, key)
     except Exception as e:  # missing key or an interpolation that does not resolve

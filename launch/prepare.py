@@ -17,19 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, _check, _is_int  # noqa: E402
+from launch.config_check import ConfigError, check_value, is_int  # noqa: E402
 
 KINDS = ("imagefolder", "table", "hf")
 _RULES = [
     ("input.kind", lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
     ("input.path", lambda v: isinstance(v, str) and v, "a folder or file, e.g. input.path=data/images"),
-    ("input.min_size", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    ("input.max_pixels", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("input.min_size", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    ("input.max_pixels", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("output_dir", lambda v: isinstance(v, str) and v, "a folder, e.g. output_dir=data/shards"),
-    ("shard_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1, e.g. shard_size=1000"),
-    ("resize", lambda v: v is None or (_is_int(v) and v >= 8), "null or an integer >= 8, e.g. resize=512"),
-    ("near_dup_threshold", lambda v: _is_int(v) and 0 <= v <= 64, "an integer in [0, 64]"),
-    ("num_workers", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    ("shard_size", lambda v: is_int(v) and v >= 1, "an integer >= 1, e.g. shard_size=1000"),
+    ("resize", lambda v: v is None or (is_int(v) and v >= 8), "null or an integer >= 8, e.g. resize=512"),
+    ("near_dup_threshold", lambda v: is_int(v) and 0 <= v <= 64, "an integer in [0, 64]"),
+    ("num_workers", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     ("duplication.protocol", lambda v: v in (None, "wen", "somepalli"), "null, wen or somepalli"),
     ("duplication.mode", lambda v: v in ("image_and_caption", "image_only"), "image_and_caption or image_only"),
 ]
@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict:
     from train.data.prepare import format_summary, prepare
 
     for key, ok, must in _RULES:
-        _check(cfg, key, ok, must)
+        check_value(cfg, key, ok, must)
     source = build_input(cfg.input)
     dup = OmegaConf.to_container(cfg.duplication, resolve=True)
     captions = None

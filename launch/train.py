@@ -18,7 +18,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, check_train_config, run_or_exit  # noqa: E402
+from launch.config_check import check_train_config, run_or_exit  # noqa: E402
 
 log = logging.getLogger("memfilter")
 

@@ -24,13 +24,11 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -43,7 +41,7 @@ from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data.collate import CollateForTraining
 from train.data.report import DataReport, merge_reports, write_report
 from train.data.transforms import ImageTransform
-from train.data.wds import WebDatasetSource, move_batch
+from train.data.wds import WebDatasetSource
 from train.export import export_pipeline, save_images, validation_images
 from train.models import Components, add_lora
 from train.step import filtered_diffusion_step

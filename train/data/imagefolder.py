@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from train.data.collate import skip_record
-from train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption, to_rgb
+from train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
 
 log = logging.getLogger("memfilter.data")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -49,19 +48,6 @@ class RawRecord:
     caption: Any = None
     dup_group: int = -1
     skip: tuple[str, str] | None = None
-
-
-def decode_image(data, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """`load_image` for paths and bytes; the same checks for an already decoded PIL image."""
-    if not isinstance(data, Image.Image):
-        return load_image(data, min_size=min_size, max_pixels=max_pixels)
-    w, h = data.size
-    if w * h > max_pixels:
-        raise BadSample("too_large", f"{w}x{h} > {max_pixels} pixels")
-    data = ImageOps.exif_transpose(data) or data
-    if min(data.size) < max(1, min_size):
-        raise BadSample("too_small", f"{data.size[0]}x{data.size[1]} < {min_size}")
-    return to_rgb(data)
 
 
 def as_group(value) -> int:
@@ -126,7 +112,7 @@ class MapSource(Dataset):
             if rec.skip:
                 return skip_record(key, *rec.skip)
             caption = pick_caption(rec.caption, seed=self.seed, epoch=self.epoch, key=key)
-            image = decode_image(rec.data, self.min_size, self.max_pixels)
+            image = load_image(rec.data, min_size=self.min_size, max_pixels=self.max_pixels)
         except BadSample as e:
             return skip_record(key, e.reason, e.detail)
         return {"key": key, "image": image, "caption": caption,

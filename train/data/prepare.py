@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from train.data.duplication import DuplicationPlan, copy_key
-from train.data.imagefolder import DataConfigError, MapSource, decode_image
-from train.data.transforms import BadSample, pick_caption
+from train.data.imagefolder import DataConfigError, MapSource
+from train.data.transforms import BadSample, load_image, pick_caption
 
 SHARD_PATTERN = "shard-%06d.tar"
 OUTPUT_FILES = ("manifest.parquet", "shards.json", "prep_report.json", "duplicates.parquet")
@@ -151,7 +151,7 @@ class _Entries(Dataset):
                 raise BadSample(*rec.skip)
             caption = pick_caption(rec.caption, seed=self.seed, key=key)
             data = _read_bytes(rec.data)
-            image = decode_image(data, self.source.min_size, self.source.max_pixels)
+            image = load_image(data, min_size=self.source.min_size, max_pixels=self.source.max_pixels)
         except BadSample as err:
             return {**item, "source_key": key, "skip": (err.reason, err.detail)}
         if donor >= 0:

@@ -55,16 +55,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(data: bytes | str | Path, *, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(data: bytes | str | Path | Image.Image, *, min_size: int = 0,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes (or a file) to an upright RGB image, or raise BadSample.
 
-    The pixel count is read from the header and checked before any pixel is decoded.
+    The pixel count is read from the header and checked before any pixel is decoded. An already decoded
+    PIL image (in-memory datasets) goes through the same checks.
 
     Args:
-        data: encoded bytes or a path.
+        data: encoded bytes, a path or a PIL image.
         min_size: reject images whose shorter side is below this (reason "too_small"). Default 0.
         max_pixels: reject images with more pixels (reason "too_large"). Default 16384^2.
     """
+    if isinstance(data, Image.Image):
+        if data.size[0] * data.size[1] > max_pixels:
+            raise BadSample("too_large", f"{data.size[0]}x{data.size[1]} > {max_pixels} pixels")
+        return _upright_rgb(data, min_size)
     try:
         fp = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else open(data, "rb")
     except OSError as e:
@@ -84,6 +90,10 @@ def load_image(data: bytes | str | Path, *, min_size: int = 0, max_pixels: int =
             raise BadSample("too_large", str(e)) from None
         except Exception as e:                   # PIL raises many types for broken files
             raise BadSample("undecodable", f"{type(e).__name__}: {e}") from None
+    return _upright_rgb(image, min_size)
+
+
+def _upright_rgb(image: Image.Image, min_size: int) -> Image.Image:
     image = ImageOps.exif_transpose(image) or image
     if min(image.size) < max(1, min_size):
         raise BadSample("too_small", f"{image.size[0]}x{image.size[1]} < {min_size}")

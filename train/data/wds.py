@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import braceexpand
-import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -263,11 +262,3 @@ class WebDatasetSource(IterableDataset):
                 "source": str(raw.get("__url__", "")), "epoch": self.epoch}
         return {"key": key, "image": image, "caption": caption, "meta": meta}
 
-
-def collate_batches(batches: list[dict]) -> dict:
-    """DataLoader collate for a source that already yields whole batches (batch_size=None)."""
-    return batches if isinstance(batches, dict) else batches[0]
-
-
-def move_batch(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
