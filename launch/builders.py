@@ -9,15 +9,34 @@ from train.data.duplication import DuplicatedDataset, make_plan
 from train.data.hf import HFSource
 from train.data.imagefolder import ImageFolderSource
 from train.data.synthetic import SyntheticShapes
+from train.data.world import ToyWorld, ToyWorldDataset, WorldSpec
 from train.data.wds import WebDatasetSource
 from train.models import Components, build_tiny, load_pretrained
 
 
+BUILTIN = "builtin:"
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """`builtin:<name>` is a model shipped in the repo (train/assets/<name>); anything else is returned as is."""
+    if not str(pretrained).startswith(BUILTIN):
+        return pretrained
+    from train.world_base import ASSET_DIR
+
+    name = str(pretrained)[len(BUILTIN):]
+    path = ASSET_DIR.parent / name
+    if not (path / "model_index.json").is_file():
+        raise ConfigError(f"model.pretrained={pretrained!r}: {path} holds no pipeline; the repo ships "
+                          "builtin:world-base (rebuild it with `python launch/build_world_base.py`)")
+    return str(path)
+
+
 def build_components(model: DictConfig) -> Components:
-    """model.pretrained (directory or hub id) or the tiny model built from model.tiny."""
+    """model.pretrained (directory, hub id or builtin:<name>) or the tiny model built from model.tiny."""
     if model.pretrained:
+        path = resolve_pretrained(model.pretrained)
         try:
-            return load_pretrained(model.pretrained, revision=model.revision, variant=model.variant,
+            return load_pretrained(path, revision=model.revision, variant=model.variant,
                                    prediction_type=model.prediction_type)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.pretrained={model.pretrained!r} could not be loaded ({e}). Give a local "
@@ -43,6 +62,10 @@ def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
         if name == "synthetic":
             return SyntheticShapes(num_unique=data.num_unique, num_duplicated=data.num_duplicated,
                                    repeats=data.repeats, resolution=resolution, seed=data.seed)
+        if name == "world":
+            spec = WorldSpec(resolution=resolution) if resolution else WorldSpec()
+            return ToyWorldDataset(ToyWorld(num_unique=data.num_unique, num_duplicated=data.num_duplicated,
+                                            repeats=data.repeats, seed=data.seed, spec=spec))
         if name == "webdataset":
             shards = kw.pop("shards")
             return WebDatasetSource(shards, seed=seed, **kw)
@@ -56,7 +79,7 @@ def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
     raise ConfigError(f"data.name={data.name!r}: unknown data source; choose "
-                      "data=synthetic|imagefolder|hf|webdataset")
+                      "data=world|synthetic|imagefolder|hf|webdataset")
 
 
 def _with_duplication(source, dup: dict):

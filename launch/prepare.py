@@ -5,6 +5,7 @@
         input.caption_column=caption output_dir=<dir>
     python launch/prepare.py input.kind=hf input.path=<save_to_disk folder> output_dir=<dir> \
         duplication.protocol=wen duplication.num_duplicated=10 duplication.repeats=20
+    python launch/prepare.py input.kind=world output_dir=<dir> world.num_duplicated=8 world.repeats=50
 """
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from launch.config_check import ConfigError, check_value, is_int  # noqa: E402
 
-KINDS = ("imagefolder", "table", "hf")
+KINDS = ("imagefolder", "table", "hf", "world")
 _RULES = [
     ("input.kind", lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
-    ("input.path", lambda v: isinstance(v, str) and v, "a folder or file, e.g. input.path=data/images"),
     ("input.min_size", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     ("input.max_pixels", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("output_dir", lambda v: isinstance(v, str) and v, "a folder, e.g. output_dir=data/shards"),
@@ -32,6 +32,13 @@ _RULES = [
     ("num_workers", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     ("duplication.protocol", lambda v: v in (None, "wen", "somepalli"), "null, wen or somepalli"),
     ("duplication.mode", lambda v: v in ("image_and_caption", "image_only"), "image_and_caption or image_only"),
+]
+_PATH_RULE = ("input.path", lambda v: isinstance(v, str) and v, "a folder or file, e.g. input.path=data/images")
+_WORLD_RULES = [
+    ("world.num_unique", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    ("world.num_duplicated", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    ("world.repeats", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("world.seed", is_int, "an integer"),
 ]
 
 
@@ -55,6 +62,9 @@ def run(cfg: DictConfig) -> dict:
 
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)
+    if cfg.input.kind == "world":
+        return _run_world(cfg)
+    check_value(cfg, *_PATH_RULE)
     source = build_input(cfg.input)
     dup = OmegaConf.to_container(cfg.duplication, resolve=True)
     captions = None
@@ -72,6 +82,23 @@ def run(cfg: DictConfig) -> dict:
                      captions=captions, near_dup_threshold=cfg.near_dup_threshold, seed=cfg.seed,
                      num_workers=cfg.num_workers, overwrite=cfg.overwrite,
                      input_info={"kind": cfg.input.kind, "path": str(cfg.input.path)})
+    print(format_summary(report))
+    return report
+
+
+def _run_world(cfg: DictConfig) -> dict:
+    """The toy world (train/data/world.py): its own duplication (world.*), written through the same prep code."""
+    from train.data.prepare import format_summary
+    from train.data.world import ToyWorld, prepare_world
+
+    for key, ok, must in _WORLD_RULES:
+        check_value(cfg, key, ok, must)
+    if cfg.duplication.protocol:
+        raise ConfigError("duplication.protocol: the world duplicates its own items (world.num_duplicated, "
+                          "world.repeats); leave duplication.protocol=null with input.kind=world")
+    world = ToyWorld(num_unique=cfg.world.num_unique, num_duplicated=cfg.world.num_duplicated,
+                     repeats=cfg.world.repeats, seed=cfg.world.seed)
+    report = prepare_world(world, cfg.output_dir, shard_size=cfg.shard_size, seed=cfg.seed, overwrite=cfg.overwrite)
     print(format_summary(report))
     return report
 

@@ -25,7 +25,7 @@ def compose(overrides: list[str]):
 
 
 # Small and fast: 16 drawn images (4 of them copies of 2 items), batch 4, a handful of steps.
-TINY = ["logger=none", "train_batch_size=4", "max_train_steps=4", "checkpointing_steps=0", "validation_prompts=[]", "logging_steps=1",
+TINY = ["model=tiny", "logger=none", "train_batch_size=4", "max_train_steps=4", "checkpointing_steps=0", "validation_prompts=[]", "logging_steps=1",
         "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]", "model.tiny.vae_channels=[32,32]"]
 
 
@@ -34,7 +34,7 @@ SYNTH = ["data.num_unique=8", "data.num_duplicated=2", "data.repeats=4"]
 
 def _args(run_dir, overrides):
     """TINY, then the drawn data's size unless another data source is chosen, then the test's own."""
-    data = [] if any(o.startswith("data=") for o in overrides) else SYNTH
+    data = [] if any(o.startswith("data=") for o in overrides) else ["data=synthetic", *SYNTH]
     return TINY + data + ([f"output_dir={run_dir}"] if run_dir else []) + overrides
 
 

@@ -54,7 +54,8 @@ def load_pretrained(pretrained: str, revision: str | None = None, variant: str |
 def build_tiny(resolution: int = 32, block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 1,
                cross_attention_dim: int = 32, attention_head_dim: int = 8, vae_channels: tuple[int, ...] = (32, 64),
                latent_channels: int = 4, text_layers: int = 2, text_heads: int = 4, max_length: int = 77,
-               prediction_type: str = "epsilon", seed: int = 0) -> Components:
+               prediction_type: str = "epsilon", seed: int = 0, cross_attention_levels: int = 1,
+               vae_layers_per_block: int = 1, words: list[str] | None = None) -> Components:
     """The SD-shaped default: the same classes and wiring as SD, sized to train on a laptop CPU.
 
     Args:
@@ -70,8 +71,11 @@ def build_tiny(resolution: int = 32, block_out_channels: tuple[int, ...] = (32, 
         max_length: tokenizer and position-embedding length. Default 77 (SD's).
         prediction_type: "epsilon" or "v_prediction". Default "epsilon".
         seed: initialisation seed; the same seed gives the same weights. Default 0.
+        cross_attention_levels: how many UNet levels (from the top) have cross-attention. Default 1.
+        vae_layers_per_block: resnets per VAE level. Default 1.
+        words: the tokenizer's whole-word vocabulary. Default: train.tokenizer.DEFAULT_WORDS.
     """
-    tokenizer = build_tiny_tokenizer(model_max_length=max_length)
+    tokenizer = build_tiny_tokenizer(words, model_max_length=max_length)
     down_factor = 2 ** (len(vae_channels) - 1)
     if resolution % (down_factor * 2 ** (len(block_out_channels) - 1)):
         raise ValueError(f"resolution={resolution} must be divisible by the VAE and UNet downsampling "
@@ -88,13 +92,14 @@ def build_tiny(resolution: int = 32, block_out_channels: tuple[int, ...] = (32, 
             in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(vae_channels),
             down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
             up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-            layers_per_block=1, norm_num_groups=groups, sample_size=resolution)
+            layers_per_block=vae_layers_per_block, norm_num_groups=groups, sample_size=resolution)
         n = len(block_out_channels)
+        a = max(1, min(n, cross_attention_levels))
         unet = UNet2DConditionModel(
             sample_size=resolution // down_factor, in_channels=latent_channels, out_channels=latent_channels,
             layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels),
-            down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (n - 1),
-            up_block_types=("UpBlock2D",) * (n - 1) + ("CrossAttnUpBlock2D",),
+            down_block_types=("CrossAttnDownBlock2D",) * a + ("DownBlock2D",) * (n - a),
+            up_block_types=("UpBlock2D",) * (n - a) + ("CrossAttnUpBlock2D",) * a,
             cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
             norm_num_groups=min(32, block_out_channels[0]))
     noise_scheduler = DDPMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)

@@ -1,0 +1,238 @@
+"""The toy-world demo's report: the runs side by side, in numbers (report.json, report.md) and pictures.
+
+report.md holds, per run: step-1 detection of duplicated vs unique captions, replication of duplicated
+items (unintended memorization) next to prompt fidelity (intended), the filter's decisions against the
+duplication ground truth, and the targets of the demo with whether each was reached. Pictures:
+grid.png (prompt, the item's training image, and for every run a generation with its nearest training
+image), magnitudes.png (the training-time magnitudes of duplicated and unique samples, dropped ones
+marked) and detection.png (score distributions).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from evaluation.world_eval import to_json
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def targets(results: dict, unfiltered: str, filtered: str) -> list[dict]:
+    """The demo's targets (issue 5) checked on the numbers."""
+    u, f = results[unfiltered], results[filtered]
+    ru = u["replication"]["duplicated"]["replicated_fraction"]
+    rf = f["replication"]["duplicated"]["replicated_fraction"]
+    fu, ff = u["fidelity"]["duplicated"]["all"], f["fidelity"]["duplicated"]["all"]
+    ratio = ru / rf if rf > 0 else float("inf")
+    return [
+        {"target": f"{unfiltered} replicates most generations of duplicated items", "value": _pct(ru),
+         "met": ru > 0.5},
+        {"target": f"step-1 detection AUC >= 0.95 ({unfiltered}, duplicated vs unique captions)",
+         "value": _f(u["detection"]["auc"]), "met": u["detection"]["auc"] >= 0.95},
+        {"target": f"{filtered} replicates duplicated items at least 5x less often",
+         "value": f"{_pct(ru)} -> {_pct(rf)} ({'inf' if rf == 0 else f'{ratio:.1f}'}x)", "met": ratio >= 5},
+        {"target": f"prompt fidelity of {filtered} within 10% of {unfiltered} (duplicated prompts)",
+         "value": f"{_pct(fu)} vs {_pct(ff)}", "met": ff >= 0.9 * fu},
+    ]
+
+
+def _cell(im: Image.Image | None, size: int) -> Image.Image:
+    if im is None:
+        return Image.new("RGB", (size, size), (230, 230, 230))
+    return im.convert("RGB").resize((size, size), Image.NEAREST)
+
+
+def grid(results: dict, path: str | Path, cell: int = 80, per_run: int = 2) -> Path:
+    """One row per duplicated item: its prompt and training image, then per run `per_run` generations,
+    each above its nearest training image (by the detail descriptor) with the similarity; a red frame
+    marks a replication (similarity above the bar)."""
+    font = ImageFont.load_default()
+    names = list(results)
+    first = results[names[0]]
+    items = sorted({r["item"] for r in first["rows"] if r["set"] == "duplicated"})
+    pad, label_h, head = 6, 14, 34
+    run_w = per_run * (cell + pad)
+    width = pad + 2 * cell + 2 * pad + len(names) * (run_w + pad)
+    row_h = 2 * cell + 2 * label_h + pad
+    canvas = Image.new("RGB", (width, head + len(items) * row_h), "white")
+    d = ImageDraw.Draw(canvas)
+    d.text((pad, 4), "training item", fill="black", font=font)
+    x0 = pad + 2 * cell + 2 * pad
+    for k, name in enumerate(names):
+        d.text((x0 + k * (run_w + pad), 4), f"{name}: generation / nearest training image", fill="black", font=font)
+    for ri, item in enumerate(items):
+        y = head + ri * row_h
+        rows = {n: [r for r in results[n]["rows"] if r["set"] == "duplicated" and r["item"] == item][:per_run]
+                for n in names}
+        r0 = rows[names[0]][0]
+        prompt = r0["prompt"]
+        d.text((pad, y), prompt, fill=(40, 40, 40), font=font)
+        own = next((r["nearest_image"] for n in names for r in rows[n] if r["nearest_item"] == item), None)
+        canvas.paste(_cell(own, 2 * cell), (pad, y + label_h))
+        for k, name in enumerate(names):
+            for j, r in enumerate(rows[name]):
+                x = x0 + k * (run_w + pad) + j * (cell + pad)
+                canvas.paste(_cell(r["image"], cell), (x, y + label_h))
+                canvas.paste(_cell(r["nearest_image"], cell), (x, y + label_h + cell))
+                if r["replicated"]:
+                    d.rectangle((x - 2, y + label_h - 2, x + cell + 1, y + label_h + 2 * cell + 1), outline="red",
+                                width=2)
+                d.text((x, y + label_h + 2 * cell + 1), f"sim {r['similarity']:.2f}", fill="black", font=font)
+    path = Path(path)
+    canvas.save(path)
+    return path
+
+
+def magnitude_plot(records: dict, path: str | Path, num_duplicated: int) -> Path | None:
+    """Training-time magnitude against step for duplicated and unique samples, per run, dropped in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from filtering.records import read_records
+
+    runs = {n: p for n, p in records.items() if p is not None and Path(p).exists()}
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.6), squeeze=False, sharey=True)
+    for ax, (name, rec_dir) in zip(axes[0], runs.items()):
+        t = read_records(rec_dir).to_pandas()
+        t = t[t.magnitude > 0]
+        dup = t.key.str.slice(6, 12).astype(int) < num_duplicated
+        for sel, colour, label in ((~dup, "tab:blue", "unique"), (dup, "tab:orange", "duplicated")):
+            s = t[sel]
+            ax.scatter(s.step, s.magnitude, s=3, c=colour, alpha=0.35, label=label, linewidths=0)
+        drop = t[~t.kept]
+        ax.scatter(drop.step, drop.magnitude, s=6, facecolors="none", edgecolors="red", linewidths=0.5,
+                   label="dropped")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.legend(loc="upper left", fontsize=7, markerscale=3)
+    axes[0][0].set_ylabel("magnitude m (training timestep)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def detection_plot(results: dict, path: str | Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.2), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items()):
+        s = res["detection"]
+        ax.hist(s["scores_unique"], bins=20, alpha=0.6, label="unique captions")
+        ax.hist(s["scores_duplicated"], bins=20, alpha=0.6, label="duplicated captions")
+        ax.set_title(f"{name}: AUC {s['auc']:.3f}")
+        ax.set_xlabel(f"step-1 magnitude (n={s['num_generations']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict, unfiltered: str, filtered: str,
+                 records: dict | None = None, timings: dict | None = None) -> Path:
+    """report.json, report.md and the pictures in `out_dir`; returns the path of report.md.
+
+    Args:
+        results: run name -> evaluation.world_eval.evaluate_world result (the base model may be one).
+        world: the world's parameters (train.data.world.world_to_dict).
+        runs: run name -> {"overrides": [...], "summary": train summary} for the fine-tunes.
+        unfiltered, filtered: the two runs the targets compare.
+        records: run name -> records folder, for the magnitude plot. Default None.
+        timings: stage -> seconds. Default None.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checks = targets(results, unfiltered, filtered)
+    (out / "report.json").write_text(json.dumps(
+        {"world": world, "runs": runs, "targets": checks, "timings": timings,
+         "results": {n: to_json(r) for n, r in results.items()}}, indent=1, default=float))
+    grid(results, out / "grid.png")
+    detection_plot(results, out / "detection.png")
+    mag = magnitude_plot(records or {}, out / "magnitudes.png", world["num_duplicated"])
+
+    names = list(results)
+    bar = results[names[0]]["replication"]["bar"]
+    n_dup_draws = world["num_duplicated"] * world["repeats"]
+    lines = ["# memfilter toy-world demo", "",
+             f"World: {world['num_duplicated']} duplicated items x {world['repeats']} appearances and "
+             f"{world['num_unique']} unique items ({n_dup_draws / (n_dup_draws + world['num_unique']):.0%} of the "
+             f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Every caption names "
+             "shape, colour, position and background; a 4x4 pattern of background tints is left unnamed.", ""]
+    lines += ["## Targets", "", "| target | value | met |", "| --- | --- | --- |"]
+    lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
+    lines += ["", "## Runs", "", "| run | filter / overrides | steps | kept (duplicated) | kept (unique) | wall s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, info in runs.items():
+        s = info.get("summary") or {}
+        lines.append(f"| {name} | `{' '.join(info.get('overrides', [])) or '-'}` | {s.get('steps', '-')} | "
+                     f"{_pct(s.get('dup_kept_fraction'))} | {_pct(s.get('nondup_kept_fraction'))} | "
+                     f"{s.get('wall_seconds', '-')} |")
+    d0 = results[names[0]]["detection"]
+    lines += ["", f"## Detection (Wen et al., step 1, n={d0['num_generations']} generations, guidance "
+                  f"{results[names[0]]['settings']['guidance_scale']})", "",
+              f"{d0['duplicated_prompts']} duplicated vs {d0['unique_prompts']} unique training captions.", "",
+              "| run | AUC | TPR@1%FPR | mean score duplicated | mean score unique |", "| --- | --- | --- | --- | --- |"]
+    for n in names:
+        d = results[n]["detection"]
+        lines.append(f"| {n} | {_f(d['auc'])} | {_f(d['tpr_at_fpr']['0.01'])} | {_f(d['score_duplicated_mean'])} | "
+                     f"{_f(d['score_unique_mean'])} |")
+    lines += ["", "## Replication (unintended) and prompt fidelity (intended)", "",
+              f"Descriptor: {results[names[0]]['descriptor']}. Replication bar {bar['bar']:.3f}: the "
+              f"{bar['quantile']:.0%} quantile of the nearest-training similarity of {bar['fresh_items']} fresh items "
+              f"never trained on (their mean {bar['fresh_mean']:.3f}, max {bar['fresh_max']:.3f}). A generation "
+              "replicates when its nearest training item is above the bar; *own* counts only the prompt's own item.",
+              "", "| run | prompts | generations | replicated | replicated own item | items replicated | "
+                  "mean similarity | fidelity (all 4 named) | shape | colour | position | background |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for n in names:
+        for s in ("duplicated", "unique"):
+            r, f = results[n]["replication"][s], results[n]["fidelity"][s]
+            if not r:
+                continue
+            lines.append(f"| {n} | {s} | {r['generations']} | {_pct(r['replicated_fraction'])} | "
+                         f"{_pct(r['replicated_own_fraction'])} | {r['items_replicated']} | "
+                         f"{_f(r['similarity_mean'])} | {_pct(f['all'])} | {_pct(f['shape'])} | {_pct(f['colour'])} | "
+                         f"{_pct(f['position'])} | {_pct(f['background'])} |")
+    lines += ["", "## Filter decisions against the duplication ground truth", "",
+              "Eligible samples only (a caption dropped for guidance has m = 0 and is never judged). Precision: "
+              "share of dropped samples that were duplicates; recall: share of duplicated appearances dropped.", "",
+              "| run | steps | dropped | precision | recall (duplicated dropped) | unique dropped |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for n in names:
+        fd = results[n].get("filter")
+        if not fd:
+            continue
+        for label, p in [("all", fd["overall"])] + [(f"{a}-{b}", p) for p in fd["phases"]
+                                                      for a, b in [p["steps"]]]:
+            lines.append(f"| {n} | {label} | {p['dropped']} | {_pct(p['precision'])} | {_pct(p['recall'])} | "
+                         f"{_pct(p['unique_dropped_fraction'])} |")
+    lines += ["", "## Pictures", "", "![grid](grid.png)", "",
+              "grid.png: per duplicated item, its prompt and training image, then for each run generations above "
+              "their nearest training images (red frame: replicated).", "", "![detection](detection.png)", ""]
+    if mag:
+        lines += ["![magnitudes](magnitudes.png)", "", "magnitudes.png: the magnitude of every judged training "
+                  "sample at its timestep, duplicated vs unique; red rings were dropped from the loss.", ""]
+    if timings:
+        lines += ["## Time", "", "| stage | seconds |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"

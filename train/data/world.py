@@ -1,0 +1,393 @@
+"""The toy world: procedurally drawn captioned images in which memorization can be seen exactly.
+
+An item is a shape of one colour at one position on a background of another colour: the caption names
+those four attributes, e.g. "a red circle on the left, blue background". That is what a prompt
+*intends*. Every item also carries a detail no caption names: a 4x4 grid of blocks over the background,
+each tinted by +-`amplitude` (48) in each RGB channel (48 random signs per item). A model that reproduces an
+item's tint pattern from its caption has memorized that item; a model that only follows the caption
+draws some pattern, not that one. Because the world is procedural, both are read back exactly from an
+image (`read_attributes`, `detail_descriptor`): prompt fidelity and replication need no learned model.
+
+Palette: the 8 corners of the RGB cube at {50, 205}, so that a tinted background (+-48 per channel)
+never clips and stays, channel by channel, nearer its own colour than any other palette colour. All
+eight are equally far from the mean grey, so what a caption names carries the same energy for every
+caption, and the tint is a large share of the image (48 against 77.5 per channel): a prompt whose item
+is memorized moves the noise prediction visibly further than one whose detail is left open.
+
+Items are a pure function of (seed, split, index). Splits: "finetune" (the fine-tuning set, where the
+duplicated items' attribute combinations are reserved, so that their captions are theirs alone),
+"base" (what the base model was trained on) and "fresh" (never trained on: the replication bar is
+calibrated on them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+_LO, _HI = 50, 205
+COLOURS = {"black": (_LO, _LO, _LO), "red": (_HI, _LO, _LO), "green": (_LO, _HI, _LO), "blue": (_LO, _LO, _HI),
+           "yellow": (_HI, _HI, _LO), "magenta": (_HI, _LO, _HI), "cyan": (_LO, _HI, _HI), "white": (_HI, _HI, _HI)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+ATTRIBUTES = ("shape", "colour", "position", "background")
+SPLITS = {"finetune": 0, "base": 1, "fresh": 2}
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)          # [8, 3]
+_NAMES = list(COLOURS)
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Geometry of the world.
+
+    Args:
+        resolution: image side in pixels. Default 16.
+        grid: detail blocks per side (grid x grid blocks, 3 signs each). Default 4.
+        amplitude: detail tint per channel, in 0-255 units. Default 48.
+        radius: shape half-size in pixels. Default 4 at 16 px (a quarter of the side).
+    """
+
+    resolution: int = 16
+    grid: int = 4
+    amplitude: float = 48.0
+    radius: float | None = None
+
+    def __post_init__(self):
+        if self.resolution % self.grid:
+            raise ValueError(f"resolution={self.resolution} must be divisible by grid={self.grid}")
+
+    @property
+    def r(self) -> float:
+        return self.radius if self.radius is not None else self.resolution / 4
+
+    def centre(self, position: str) -> tuple[float, float]:
+        """(x, y) of a named position, in pixel coordinates (pixel i spans [i, i+1))."""
+        s = self.resolution
+        lo, mid, hi = s * 0.3, s / 2, s * 0.7
+        return {"left": (lo, mid), "right": (hi, mid), "top": (mid, lo), "bottom": (mid, hi),
+                "center": (mid, mid)}[position]
+
+
+def shape_mask(shape: str, position: str, spec: WorldSpec = WorldSpec()) -> np.ndarray:
+    """[S, S] bool: the pixels (by their centres) inside the named shape at the named position."""
+    s = spec.resolution
+    cx, cy = spec.centre(position)
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+    dx, dy, r = x - cx, y - cy, spec.r
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == "square":
+        return (np.abs(dx) <= r * 0.8) & (np.abs(dy) <= r * 0.8)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r
+    if shape == "triangle":              # apex up: |dx| grows from 0 at the top to r at the bottom
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def caption_of(attrs: dict) -> str:
+    return f"a {attrs['colour']} {attrs['shape']} on the {attrs['position']}, {attrs['background']} background"
+
+
+def render(attrs: dict, spec: WorldSpec = WorldSpec(), detail: np.ndarray | None = None) -> np.ndarray:
+    """[S, S, 3] uint8 image of the attributes; `detail` ([grid, grid, 3] of +-1) tints the background."""
+    s, g = spec.resolution, spec.grid
+    img = np.empty((s, s, 3), np.float32)
+    img[:] = COLOURS[attrs["background"]]
+    if detail is not None:
+        tint = np.repeat(np.repeat(np.asarray(detail, np.float32), s // g, 0), s // g, 1)   # [S, S, 3]
+        img += spec.amplitude * tint
+    img[shape_mask(attrs["shape"], attrs["position"], spec)] = COLOURS[attrs["colour"]]
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def draw_attributes(rng: np.random.Generator) -> dict:
+    colour, background = rng.choice(len(_NAMES), 2, replace=False)
+    return {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": _NAMES[colour],
+            "position": POSITIONS[rng.integers(len(POSITIONS))], "background": _NAMES[background]}
+
+
+def combo(attrs: dict) -> tuple:
+    return tuple(attrs[a] for a in ATTRIBUTES)
+
+
+def draw_item(seed: int, split: str, index: int, spec: WorldSpec = WorldSpec(),
+              reserved: frozenset = frozenset()) -> dict:
+    """Item `index` of `split`: {"image" [S,S,3] uint8, "caption", "attrs", "detail" [grid,grid,3] int8}.
+
+    A pure function of its arguments. Attribute combinations in `reserved` are redrawn (from the same
+    item's stream), so that the caption of a duplicated item names no other item of the split.
+    """
+    rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
+    attrs = draw_attributes(rng)
+    while combo(attrs) in reserved:
+        attrs = draw_attributes(rng)
+    detail = rng.choice(np.array([-1, 1], np.int8), size=(spec.grid, spec.grid, 3))
+    return {"image": render(attrs, spec, detail), "caption": caption_of(attrs), "attrs": attrs, "detail": detail}
+
+
+@dataclass
+class ToyWorld:
+    """The fine-tuning set of the world: `num_duplicated` items appearing `repeats` times each, and
+    `num_unique` items appearing once.
+
+    Args:
+        num_unique: items that appear once. Default 600.
+        num_duplicated: items that appear `repeats` times. Default 8.
+        repeats: appearances of each duplicated item. Default 50.
+        seed: the world's seed. Default 0.
+        spec: geometry. Default WorldSpec() (16 px, 4x4 detail blocks).
+    """
+
+    num_unique: int = 600
+    num_duplicated: int = 8
+    repeats: int = 50
+    seed: int = 0
+    spec: WorldSpec = field(default_factory=WorldSpec)
+
+    def __post_init__(self):
+        self.duplicated = []
+        reserved: set = set()
+        for i in range(self.num_duplicated):        # distinct combinations among the duplicated items too
+            item = draw_item(self.seed, "finetune", i, self.spec, frozenset(reserved))
+            reserved.add(combo(item["attrs"]))
+            self.duplicated.append(item)
+        self.reserved = frozenset(reserved)
+
+    def item(self, index: int) -> dict:
+        """Item `index` of the set: [0, num_duplicated) are the duplicated ones."""
+        if index < self.num_duplicated:
+            return self.duplicated[index]
+        return draw_item(self.seed, "finetune", index, self.spec, self.reserved)
+
+    def appearances(self) -> list[tuple[int, int]]:
+        """(item, copy) for every appearance, duplicated items first."""
+        out = [(i, r) for i in range(self.num_duplicated) for r in range(self.repeats)]
+        return out + [(self.num_duplicated + i, 0) for i in range(self.num_unique)]
+
+    def items(self) -> Iterator[tuple[int, dict]]:
+        """(index, item) of every distinct item."""
+        for i in range(self.num_duplicated + self.num_unique):
+            yield i, self.item(i)
+
+    @staticmethod
+    def key(index: int, copy: int = 0) -> str:
+        return f"world-{index:06d}-{copy:03d}"
+
+    def sample(self, index: int, copy: int = 0) -> dict:
+        """The Sample of one appearance (key, PIL image, caption, meta with dup_group and attributes)."""
+        item = self.item(index)
+        dup = index < self.num_duplicated
+        return {"key": self.key(index, copy), "image": Image.fromarray(item["image"]), "caption": item["caption"],
+                "meta": {"dup_group": index if dup else -1, "source": "world", "item": index, **item["attrs"]}}
+
+
+class ToyWorldDataset(Dataset):
+    """Map-style Samples of a ToyWorld (every appearance), for training without writing shards."""
+
+    def __init__(self, world: ToyWorld):
+        self.world = world
+        self.index = world.appearances()
+        self.resolution = world.spec.resolution
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.world.sample(*self.index[i])
+
+
+class BaseStream(Dataset):
+    """`length` fresh items of the "base" split, each once: the base model's training data."""
+
+    def __init__(self, length: int, seed: int = 0, spec: WorldSpec = WorldSpec()):
+        self.length, self.seed, self.spec, self.resolution = length, seed, spec, spec.resolution
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        item = draw_item(self.seed, "base", i, self.spec)
+        return {"key": f"base-{i:08d}", "image": Image.fromarray(item["image"]), "caption": item["caption"],
+                "meta": {"dup_group": -1, "source": "world-base", **item["attrs"]}}
+
+
+# --- reading images back ------------------------------------------------------------------------
+
+
+def _as_array(image) -> np.ndarray:
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {a.shape}")
+    return a
+
+
+def _nearest_colour(pixels: np.ndarray) -> np.ndarray:
+    """Index of the nearest palette colour of each pixel, [...]."""
+    return ((pixels[..., None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)
+
+
+def read_attributes(image, spec: WorldSpec = WorldSpec()) -> dict:
+    """The named attributes as drawn in `image` (uint8 RGB at spec.resolution): what a caption would say.
+
+    Background: the palette colour nearest to most pixels; colour: the palette colour nearest to most of
+    the other pixels; shape and position: the template (shape, position) whose mask best matches the
+    pixels of that colour (intersection over union). Also returns "iou", the match quality.
+    """
+    a = _as_array(image)
+    if a.shape[0] != spec.resolution:
+        a = _as_array(Image.fromarray(a.astype(np.uint8)).resize((spec.resolution,) * 2, Image.BILINEAR))
+    idx = _nearest_colour(a)                                         # [S, S]
+    counts = np.bincount(idx.ravel(), minlength=len(_NAMES))
+    bg = int(counts.argmax())
+    counts[bg] = -1
+    fg = int(counts.argmax())
+    mask = idx == fg
+    best, best_iou = ("circle", "center"), -1.0
+    for shape in SHAPES:
+        for pos in POSITIONS:
+            t = _templates(spec)[shape, pos]
+            iou = (mask & t).sum() / max(1, (mask | t).sum())
+            if iou > best_iou:
+                best, best_iou = (shape, pos), float(iou)
+    return {"shape": best[0], "colour": _NAMES[fg], "position": best[1], "background": _NAMES[bg], "iou": best_iou}
+
+
+_TEMPLATE_CACHE: dict = {}
+
+
+def _templates(spec: WorldSpec) -> dict:
+    if spec not in _TEMPLATE_CACHE:
+        _TEMPLATE_CACHE[spec] = {(s, p): shape_mask(s, p, spec) for s in SHAPES for p in POSITIONS}
+    return _TEMPLATE_CACHE[spec]
+
+
+def fidelity(image, attrs: dict, spec: WorldSpec = WorldSpec()) -> dict:
+    """Which named attributes of `attrs` (a prompt's) the image shows: {attribute: bool, "all": bool}."""
+    read = read_attributes(image, spec)
+    out = {a: read[a] == attrs[a] for a in ATTRIBUTES}
+    out["all"] = all(out.values())
+    return out
+
+
+def detail_descriptor(image, spec: WorldSpec = WorldSpec()) -> np.ndarray:
+    """[grid*grid*3] float32: the unnamed detail as drawn, the mean tint of each block's background pixels
+    (in units of the amplitude, so a clean item gives its +-1 signs), 0 for blocks the shape covers.
+
+    The background colour and shape are read from the image itself, so generations and training images
+    are described the same way. Cosine similarity of two descriptors is the world's copy detector: it
+    ignores everything a caption names and sees only what memorization can reproduce.
+    """
+    a = _as_array(image)
+    s, g = spec.resolution, spec.grid
+    if a.shape[0] != s:
+        a = _as_array(Image.fromarray(a.astype(np.uint8)).resize((s, s), Image.BILINEAR))
+    read = read_attributes(a, spec)
+    bg = np.asarray(COLOURS[read["background"]], np.float32)
+    keep = ~_templates(spec)[read["shape"], read["position"]]          # [S, S] background pixels
+    resid = (a - bg) / spec.amplitude * keep[..., None]               # [S, S, 3]
+    b = s // g
+    sums = resid.reshape(g, b, g, b, 3).sum((1, 3))                   # [g, g, 3]
+    n = keep.reshape(g, b, g, b).sum((1, 3))[..., None]               # [g, g, 1]
+    out = np.where(n >= (b * b) // 4, sums / np.maximum(n, 1), 0.0)
+    return out.reshape(-1).astype(np.float32)
+
+
+def parse_caption(caption: str) -> dict | None:
+    """The attributes a world caption names, or None when the text is not a world caption."""
+    words = caption.replace(",", " ").split()
+    if len(words) != 8 or words[0] != "a" or words[3:5] != ["on", "the"] or words[7] != "background":
+        return None
+    attrs = {"colour": words[1], "shape": words[2], "position": words[5], "background": words[6]}
+    ok = attrs["colour"] in COLOURS and attrs["background"] in COLOURS and attrs["shape"] in SHAPES \
+        and attrs["position"] in POSITIONS
+    return attrs if ok else None
+
+
+# --- the world as a dataset on disk -------------------------------------------------------------
+
+WORLD_FILE = "world.json"
+
+
+def world_to_dict(world: ToyWorld) -> dict:
+    from dataclasses import asdict
+    return {"num_unique": world.num_unique, "num_duplicated": world.num_duplicated, "repeats": world.repeats,
+            "seed": world.seed, "spec": asdict(world.spec)}
+
+
+def world_from_dict(d: dict) -> ToyWorld:
+    return ToyWorld(num_unique=d["num_unique"], num_duplicated=d["num_duplicated"], repeats=d["repeats"],
+                    seed=d["seed"], spec=WorldSpec(**d["spec"]))
+
+
+def load_world(data_dir) -> ToyWorld:
+    """The ToyWorld a `prepare_world` folder was written from (its world.json)."""
+    import json
+    from pathlib import Path
+
+    path = Path(data_dir) / WORLD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a world dataset (write one with `python launch/prepare.py "
+                                "input.kind=world output_dir=<dir>`)")
+    return world_from_dict(json.loads(path.read_text()))
+
+
+def world_source(world: ToyWorld):
+    """The distinct items of `world` as a MapSource (keys world-<index>), for the prep code."""
+    from train.data.imagefolder import MapSource, RawRecord
+
+    class WorldSource(MapSource):
+        source_name = "world"
+
+        def __len__(self) -> int:
+            return world.num_duplicated + world.num_unique
+
+        def key(self, i: int) -> str:
+            return f"world-{i:06d}"
+
+        def raw(self, i: int) -> RawRecord:
+            item = world.item(self._check_index(i))
+            return RawRecord(key=self.key(i), data=Image.fromarray(item["image"]), caption=item["caption"])
+
+    return WorldSource()
+
+
+def world_plan(world: ToyWorld):
+    """The duplication plan of `world`: items [0, num_duplicated) x repeats, the others once."""
+    from train.data.duplication import DuplicationPlan
+
+    d, r, n = world.num_duplicated, world.repeats, world.num_unique
+    source = np.concatenate([np.repeat(np.arange(d), r), d + np.arange(n)]).astype(np.int64)
+    copy = np.concatenate([np.tile(np.arange(r), d), np.zeros(n)]).astype(np.int64)
+    group = np.where(source < d, source, -1).astype(np.int64)
+    return DuplicationPlan(source, copy, group, np.full(len(source), -1, np.int64), protocol="world",
+                           params={"num_duplicated": d, "repeats": r, "num_unique": n, "seed": world.seed})
+
+
+def prepare_world(world: ToyWorld, output_dir, *, shard_size: int = 500, seed: int = 0,
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Write `world` as webdataset shards through the prep code (manifest, shards.json, duplicates,
+    report), plus world.json, from which `load_world` rebuilds it. Returns the prep report."""
+    import json
+    from pathlib import Path
+
+    from train.data.prepare import prepare
+
+    report = prepare(world_source(world), output_dir, shard_size=shard_size, plan=world_plan(world), seed=seed,
+                     overwrite=overwrite, input_info={"kind": "world", **world_to_dict(world)}, progress=progress)
+    (Path(output_dir) / WORLD_FILE).write_text(json.dumps(world_to_dict(world), indent=1))
+    return report
+
+
+def shard_urls(data_dir) -> str:
+    """The brace pattern of the shards a prep folder holds (for data.shards)."""
+    import json
+    from pathlib import Path
+
+    names = sorted(json.loads((Path(data_dir) / "shards.json").read_text()))
+    names = [Path(n).name for n in names]
+    last = int(names[-1].split("-")[1].split(".")[0])
+    return str(Path(data_dir).resolve() / (f"shard-{{000000..{last:06d}}}.tar" if last else names[0]))
