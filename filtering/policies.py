@@ -201,7 +201,10 @@ class TimestepBucketed(FilterPolicy):
         quantile: quantile for statistic="quantile". Default 0.9.
         window: past magnitudes kept per bucket. Default 1024.
         warmup: magnitudes a bucket must have seen before it filters. Default 64.
-        update_with: "all" or "kept" (see RunningQuantile). Default "all".
+        update_with: "all" or "kept" (see RunningQuantile), or "warmup": only the first `warmup`
+            magnitudes of each bucket form its statistics, which are then frozen: a threshold calibrated
+            at the start of fine-tuning, on the pretrained model's magnitudes, before anything is
+            memorized, that memorized samples can never drag along. Default "all".
     """
 
     num_buckets: int = 10
@@ -216,6 +219,8 @@ class TimestepBucketed(FilterPolicy):
 
     def __post_init__(self):
         _robust_threshold(torch.ones(2), self.statistic, self.k, self.quantile)  # validate statistic
+        if self.update_with not in ("all", "kept", "warmup"):
+            raise ValueError(f"update_with={self.update_with!r}: expected all, kept or warmup")
         self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
         self._thresholds = [math.inf] * self.num_buckets
 
@@ -234,7 +239,10 @@ class TimestepBucketed(FilterPolicy):
             sel = buckets == b
             keep[sel] = m[sel] <= self._thresholds[b]
         for b in buckets.unique().tolist():
-            sel = buckets == b if self.update_with == "all" else (buckets == b) & keep
+            sel = buckets == b if self.update_with != "kept" else (buckets == b) & keep
+            if self.update_with == "warmup":
+                free = max(0, self.warmup - len(self._wins[b]))
+                sel = sel & (torch.cumsum(sel.long(), 0) <= free)
             self._wins[b].add(m[sel])
         return keep
 

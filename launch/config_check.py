@@ -90,7 +90,7 @@ _FILTER_RULES = {
         ("quantile", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
         ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-        ("update_with", lambda v: v in ("all", "kept"), "all or kept")],
+        ("update_with", lambda v: v in ("all", "kept", "warmup"), "all, kept or warmup")],
     "none": [],
 }
 

@@ -283,6 +283,7 @@ def test_ineligible_samples_are_kept_and_stay_out_of_the_statistics(make):
     lambda: RunningQuantile(quantile=0.8, window=50, warmup=20, update_with="kept"),
     lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8),
     lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8, statistic="quantile", update_with="kept"),
+    lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8, update_with="warmup"),
 ])
 def test_restored_policy_decides_as_the_uninterrupted_one(make):
     g = _gen(11)
@@ -311,6 +312,32 @@ def test_restored_policy_decides_as_the_uninterrupted_one(make):
     assert n_dropped > 0                                          # decisions were not trivially "keep"
     assert differs_from_fresh                                     # the state really mattered
     assert repr(restored.state_dict()) == repr(uninterrupted.state_dict())
+
+
+def test_warmup_statistics_are_frozen_so_a_growing_population_cannot_drag_them():
+    """update_with="warmup": the first `warmup` magnitudes of a bucket calibrate it, later ones never move it."""
+    g = _gen(5)
+    frozen = TimestepBucketed(num_buckets=1, window=1000, warmup=33, k=3.0, update_with="warmup")
+    running = TimestepBucketed(num_buckets=1, window=1000, warmup=33, k=3.0)
+    calib = 1.0 + 0.1 * torch.randn(33, generator=g)
+    t = torch.zeros(33, dtype=torch.long)
+    frozen.decide(calib[:20], t[:20])
+    frozen.decide(calib[20:], t[20:])                              # 13 fill the warm-up, nothing more
+    running.decide(calib, t)
+    expected = _mad_threshold(calib.numpy(), 3.0)
+    assert frozen.state_dict()["values"][0].numel() == 33
+    drift_kept_frozen, drift_kept_running = 0, 0
+    for step in range(30):                                         # 2/3 of the population creeps upwards
+        m = torch.cat([1.0 + 0.1 * torch.randn(16, generator=g), torch.full((32,), 1.0 + 0.05 * step)])
+        tt = torch.zeros(48, dtype=torch.long)
+        kf, kr = frozen.decide(m, tt), running.decide(m, tt)
+        assert frozen.thresholds()["threshold/bucket0"] == pytest.approx(expected, rel=1e-6)
+        if step >= 20:                                             # m = 2.0 .. 2.45, far above the calibration
+            drift_kept_frozen += int(kf[16:].sum())
+            drift_kept_running += int(kr[16:].sum())
+    assert frozen.state_dict()["values"][0].numel() == 33          # never updated after the warm-up
+    assert drift_kept_frozen == 0
+    assert drift_kept_running > 0                                  # the running median followed the creep
 
 
 def test_load_state_dict_checks_the_number_of_buckets():

@@ -113,7 +113,7 @@ def test_prepare_world_writes_shards_with_ground_truth(tmp_path):
 def test_tokenizer_gives_every_listed_word_one_token():
     tok = build_tiny_tokenizer(model_max_length=16)
     assert all(len(tok.tokenize(w)) == 1 for w in DEFAULT_WORDS)
-    caption = caption_of({"colour": "magenta", "shape": "triangle", "position": "bottom", "background": "yellow"})
+    caption = caption_of({"colour": "magenta", "shape": "triangle", "position": "right", "background": "yellow"})
     ids = tok(caption).input_ids
     assert len(ids) == 11                                                  # bos + 9 words/commas + eos
     assert tok.decode(ids, skip_special_tokens=True).replace(" ,", ",") == caption

@@ -43,7 +43,7 @@ class BaseArgs:
         seed: world and initialisation seed. Default 0.
         vae_steps: VAE optimisation steps. Default 2500.
         vae_lr: VAE AdamW lr. Default 1e-3.
-        unet_steps: UNet + text encoder steps. Default 6000.
+        unet_steps: UNet + text encoder steps. Default 5000.
         lr: UNet/text-encoder peak lr (cosine decay after 200 warm-up steps). Default 1e-3.
         batch_size: images per step (both stages). Default 64.
         caption_dropout: share of empty captions in UNet training (for guidance). Default 0.1.
@@ -56,13 +56,14 @@ class BaseArgs:
     seed: int = 0
     vae_steps: int = 2500
     vae_lr: float = 1e-3
-    unet_steps: int = 6000
+    unet_steps: int = 5000
     lr: float = 1e-3
     batch_size: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     eval_every: int = 1000
     block_out_channels: tuple = (64, 128)
+    layers_per_block: int = 1
     cross_attention_levels: int = 2
     cross_attention_dim: int = 64
     vae_channels: tuple = (32, 64)
@@ -72,6 +73,7 @@ class BaseArgs:
 def world_components(args: BaseArgs, spec: WorldSpec = WorldSpec()) -> Components:
     """Untrained components of the world's shape."""
     return build_tiny(resolution=spec.resolution, block_out_channels=tuple(args.block_out_channels),
+                      layers_per_block=args.layers_per_block,
                       cross_attention_dim=args.cross_attention_dim, vae_channels=tuple(args.vae_channels),
                       max_length=args.max_length, seed=args.seed, cross_attention_levels=args.cross_attention_levels)
 

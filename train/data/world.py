@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 _LO, _HI = 50, 205
 COLOURS = {"black": (_LO, _LO, _LO), "red": (_HI, _LO, _LO), "green": (_LO, _HI, _LO), "blue": (_LO, _LO, _HI),
            "yellow": (_HI, _HI, _LO), "magenta": (_HI, _LO, _HI), "cyan": (_LO, _HI, _HI), "white": (_HI, _HI, _HI)}
-SHAPES = ("circle", "square", "triangle", "diamond")
-POSITIONS = ("left", "right", "top", "bottom", "center")
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "center", "right")
 ATTRIBUTES = ("shape", "colour", "position", "background")
 SPLITS = {"finetune": 0, "base": 1, "fresh": 2}
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)          # [8, 3]
@@ -48,12 +48,14 @@ class WorldSpec:
         grid: detail blocks per side (grid x grid blocks, 3 signs each). Default 4.
         amplitude: detail tint per channel, in 0-255 units. Default 48.
         radius: shape half-size in pixels. Default 4 at 16 px (a quarter of the side).
+        offset: where left and right sit, as a fraction of the side from the edge. Default 0.25.
     """
 
     resolution: int = 16
     grid: int = 4
     amplitude: float = 48.0
     radius: float | None = None
+    offset: float = 0.25
 
     def __post_init__(self):
         if self.resolution % self.grid:
@@ -66,9 +68,8 @@ class WorldSpec:
     def centre(self, position: str) -> tuple[float, float]:
         """(x, y) of a named position, in pixel coordinates (pixel i spans [i, i+1))."""
         s = self.resolution
-        lo, mid, hi = s * 0.3, s / 2, s * 0.7
-        return {"left": (lo, mid), "right": (hi, mid), "top": (mid, lo), "bottom": (mid, hi),
-                "center": (mid, mid)}[position]
+        return {"left": (s * self.offset, s / 2), "center": (s / 2, s / 2),
+                "right": (s * (1 - self.offset), s / 2)}[position]
 
 
 def shape_mask(shape: str, position: str, spec: WorldSpec = WorldSpec()) -> np.ndarray:
@@ -81,8 +82,6 @@ def shape_mask(shape: str, position: str, spec: WorldSpec = WorldSpec()) -> np.n
         return dx ** 2 + dy ** 2 <= r ** 2
     if shape == "square":
         return (np.abs(dx) <= r * 0.8) & (np.abs(dy) <= r * 0.8)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= r
     if shape == "triangle":              # apex up: |dx| grows from 0 at the top to r at the bottom
         return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")

@@ -1,0 +1,72 @@
+"""The toy-world demo end to end at a small size, the shipped base model, and the world evaluation's measures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.world_eval import replication_bar, training_descriptors
+from tests.conftest import REPO, run_cmd
+from train.data.world import ToyWorld, detail_descriptor, draw_item
+from train.world_base import ASSET_DIR
+
+
+def test_replication_bar_separates_copies_from_chance():
+    w = ToyWorld(num_unique=200, num_duplicated=4, repeats=5)
+    idx, desc, images = training_descriptors(w)
+    bar = replication_bar(w, desc, n=300, quantile=0.99)
+    assert 0.2 < bar["bar"] < 0.9
+    copies = torch.nn.functional.normalize(torch.from_numpy(np.stack([detail_descriptor(im) for im in images[:20]])),
+                                           dim=1)
+    assert ((copies @ desc.T).max(dim=1).values > bar["bar"]).all()          # a training image replicates itself
+    fresh = [detail_descriptor(draw_item(w.seed, "fresh", 5000 + i)["image"]) for i in range(200)]
+    f = torch.nn.functional.normalize(torch.from_numpy(np.stack(fresh)), dim=1)
+    assert ((f @ desc.T).max(dim=1).values > bar["bar"]).float().mean() < 0.05
+
+
+def test_shipped_base_loads_and_follows_captions():
+    """The base the demo fine-tunes: a StableDiffusionPipeline from safetensors that draws what captions name."""
+    from diffusers import StableDiffusionPipeline
+
+    from train.world_base import base_fidelity, BaseArgs  # noqa: F401
+    from train.models import Components
+
+    assert (ASSET_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    info = json.loads((ASSET_DIR / "world_base.json").read_text())
+    assert info["vae"]["vae_psnr_db"] > 28
+    pipe = StableDiffusionPipeline.from_pretrained(ASSET_DIR)
+    c = Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, pipe.scheduler)
+    fid = base_fidelity(c, ToyWorld().spec, n=32, seed=3, steps=20)
+    assert fid["all"] >= 0.6, fid
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_reports_every_section(tmp_path):
+    out = tmp_path / "demo"
+    cmd = ["python", str(REPO / "launch" / "demo.py"), f"output_dir={out}",
+           "world.num_unique=40", "world.num_duplicated=2", "world.repeats=6", "world.shard_size=20",
+           "train=[max_train_steps=4,train_batch_size=8,logger=none,checkpointing_steps=2,validation_prompts=[]]",
+           "evaluation.num_images_per_prompt=2", "evaluation.num_unique_prompts=6", "evaluation.unique_images=1",
+           "evaluation.num_inference_steps=3", "evaluation.fresh_items=100"]
+    proc = run_cmd(cmd, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for section in ("## Targets", "## Runs", "## Detection", "## Replication (unintended) and prompt fidelity",
+                    "## Filter decisions", "grid.png", "magnitudes.png", "detection.png"):
+        assert section in report, section
+    for png in ("grid.png", "magnitudes.png", "detection.png"):
+        assert (out / png).stat().st_size > 1000
+    data = json.loads((out / "report.json").read_text())
+    assert set(data["results"]) == {"base", "unfiltered", "filtered"}
+    for name in ("unfiltered", "filtered"):
+        res = data["results"][name]
+        assert res["filter"]["overall"]["duplicated_judged"] + res["filter"]["overall"]["unique_judged"] > 0
+        assert len(res["rows"]) == 2 * 2 + 6
+        assert (out / name / "pipeline" / "model_index.json").exists()
+        assert data["runs"][name]["summary"]["steps"] == 4
+    # every judged sample of the unfiltered run was kept; the records cover 4 steps x 8 samples
+    assert data["results"]["unfiltered"]["filter"]["overall"]["dropped"] == 0
+    assert len(data["targets"]) == 4
+    assert (out / "world" / "manifest.parquet").exists()
