@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from evaluation.detection import detection_metrics
 from evaluation.detect import score_prompts
 from evaluation.generate import image_seed
 from evaluation.replication import nearest_neighbours
-from train.data.world import ATTRIBUTES, ToyWorld, detail_descriptor, draw_item, fidelity, parse_caption
+from train.data.world import ToyWorld, detail_descriptor, draw_item, fidelity, named_attributes, parse_caption
 
 
 @dataclass
@@ -89,7 +90,8 @@ def replication_bar(world: ToyWorld, train_desc: torch.Tensor, n: int = 1000, qu
 def _generate(pipe, prompts: list[str], n: int, settings: WorldEvalSettings, res: int) -> list[list[Image.Image]]:
     jobs = [(p, j) for p in prompts for j in range(n)]
     images: list[Image.Image] = []
-    for s in range(0, len(jobs), settings.batch_size):
+    for s in tqdm(range(0, len(jobs), settings.batch_size), desc=f"generate {n} x {len(prompts)} prompts",
+                  unit="batch"):
         chunk = jobs[s:s + settings.batch_size]
         gens = [torch.Generator("cpu").manual_seed(image_seed(settings.seed, p, j)) for p, j in chunk]
         images += pipe([p for p, _ in chunk], generator=gens, num_inference_steps=settings.num_inference_steps,
@@ -165,8 +167,10 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
         gens = _generate(pipe, prompts, n, settings, res)
         for item, prompt, images in zip(items, prompts, gens):
             attrs = parse_caption(prompt)
+            item_image = Image.fromarray(world.item(item)["image"])
             for j, im in enumerate(images):
                 rows.append({"set": set_name, "item": item, "prompt": prompt, "image_index": j, "image": im,
+                             "item_image": item_image,
                              "desc": detail_descriptor(im, spec), **{f"fid_{k}": v for k, v in
                                                                      fidelity(im, attrs, spec).items()}})
     q = _normalise(np.stack([r["desc"] for r in rows]))
@@ -190,7 +194,8 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
                                              and r["nearest_item"] == r["item"]}))}
 
     def fid(sel):
-        return {k: float(np.mean([r[f"fid_{k}"] for r in sel])) for k in (*ATTRIBUTES, "all")} if sel else {}
+        return {k: float(np.mean([r[f"fid_{k}"] for r in sel])) for k in (*named_attributes(spec), "all")} \
+            if sel else {}
 
     by = {s: [r for r in rows if r["set"] == s] for s in ("duplicated", "unique")}
     out = {"detection": det, "replication": {"bar": bar, **{s: summary(v) for s, v in by.items()}},

@@ -63,16 +63,17 @@ def grid(results: dict, path: str | Path, cell: int = 80, per_run: int = 2) -> P
     names = list(results)
     first = results[names[0]]
     items = sorted({r["item"] for r in first["rows"] if r["set"] == "duplicated"})
-    pad, label_h, head = 6, 14, 34
+    pad, label_h, head = 6, 14, 30
     run_w = per_run * (cell + pad)
     width = pad + 2 * cell + 2 * pad + len(names) * (run_w + pad)
     row_h = 2 * cell + 2 * label_h + pad
     canvas = Image.new("RGB", (width, head + len(items) * row_h), "white")
     d = ImageDraw.Draw(canvas)
-    d.text((pad, 4), "training item", fill="black", font=font)
+    d.text((pad, 2), "training item", fill="black", font=font)
+    d.text((pad, 14), "(top: generation, below: its nearest training image)", fill=(90, 90, 90), font=font)
     x0 = pad + 2 * cell + 2 * pad
     for k, name in enumerate(names):
-        d.text((x0 + k * (run_w + pad), 4), f"{name}: generation / nearest training image", fill="black", font=font)
+        d.text((x0 + k * (run_w + pad), 2), name, fill="black", font=font)
     for ri, item in enumerate(items):
         y = head + ri * row_h
         rows = {n: [r for r in results[n]["rows"] if r["set"] == "duplicated" and r["item"] == item][:per_run]
@@ -80,8 +81,7 @@ def grid(results: dict, path: str | Path, cell: int = 80, per_run: int = 2) -> P
         r0 = rows[names[0]][0]
         prompt = r0["prompt"]
         d.text((pad, y), prompt, fill=(40, 40, 40), font=font)
-        own = next((r["nearest_image"] for n in names for r in rows[n] if r["nearest_item"] == item), None)
-        canvas.paste(_cell(own, 2 * cell), (pad, y + label_h))
+        canvas.paste(_cell(r0.get("item_image"), 2 * cell), (pad, y + label_h))
         for k, name in enumerate(names):
             for j, r in enumerate(rows[name]):
                 x = x0 + k * (run_w + pad) + j * (cell + pad)
@@ -175,8 +175,9 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
     lines = ["# memfilter toy-world demo", "",
              f"World: {world['num_duplicated']} duplicated items x {world['repeats']} appearances and "
              f"{world['num_unique']} unique items ({n_dup_draws / (n_dup_draws + world['num_unique']):.0%} of the "
-             f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Every caption names "
-             "shape, colour, position and background; a 4x4 pattern of background tints is left unnamed.", ""]
+             f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Every caption names the "
+             "shape, its colour and the background colour; a 4x4 pattern of background tints, each item's own, is "
+             "named by no caption.", ""]
     lines += ["## Targets", "", "| target | value | met |", "| --- | --- | --- |"]
     lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
     lines += ["", "## Runs", "", "| run | filter / overrides | steps | kept (duplicated) | kept (unique) | wall s |",
@@ -195,14 +196,15 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
         d = results[n]["detection"]
         lines.append(f"| {n} | {_f(d['auc'])} | {_f(d['tpr_at_fpr']['0.01'])} | {_f(d['score_duplicated_mean'])} | "
                      f"{_f(d['score_unique_mean'])} |")
+    named = [a for a in ("shape", "colour", "position", "background") if a in results[names[0]]["fidelity"]["duplicated"]]
     lines += ["", "## Replication (unintended) and prompt fidelity (intended)", "",
               f"Descriptor: {results[names[0]]['descriptor']}. Replication bar {bar['bar']:.3f}: the "
               f"{bar['quantile']:.0%} quantile of the nearest-training similarity of {bar['fresh_items']} fresh items "
               f"never trained on (their mean {bar['fresh_mean']:.3f}, max {bar['fresh_max']:.3f}). A generation "
               "replicates when its nearest training item is above the bar; *own* counts only the prompt's own item.",
               "", "| run | prompts | generations | replicated | replicated own item | items replicated | "
-                  "mean similarity | fidelity (all 4 named) | shape | colour | position | background |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  f"mean similarity | fidelity (all {len(named)} named) | " + " | ".join(named) + " |",
+              "| --- " * (7 + len(named)) + "|"]
     for n in names:
         for s in ("duplicated", "unique"):
             r, f = results[n]["replication"][s], results[n]["fidelity"][s]
@@ -210,8 +212,8 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
                 continue
             lines.append(f"| {n} | {s} | {r['generations']} | {_pct(r['replicated_fraction'])} | "
                          f"{_pct(r['replicated_own_fraction'])} | {r['items_replicated']} | "
-                         f"{_f(r['similarity_mean'])} | {_pct(f['all'])} | {_pct(f['shape'])} | {_pct(f['colour'])} | "
-                         f"{_pct(f['position'])} | {_pct(f['background'])} |")
+                         f"{_f(r['similarity_mean'])} | {_pct(f['all'])} | " + " | ".join(_pct(f[a]) for a in named)
+                         + " |")
     lines += ["", "## Filter decisions against the duplication ground truth", "",
               "Eligible samples only (a caption dropped for guidance has m = 0 and is never judged). Precision: "
               "share of dropped samples that were duplicates; recall: share of duplicated appearances dropped.", "",
@@ -221,8 +223,8 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
         fd = results[n].get("filter")
         if not fd:
             continue
-        for label, p in [("all", fd["overall"])] + [(f"{a}-{b}", p) for p in fd["phases"]
-                                                      for a, b in [p["steps"]]]:
+        phases = [(f"{a}-{b}", p) for p in fd["phases"] for a, b in [p["steps"]]] if fd["overall"]["dropped"] else []
+        for label, p in [("all", fd["overall"])] + phases:
             lines.append(f"| {n} | {label} | {p['dropped']} | {_pct(p['precision'])} | {_pct(p['recall'])} | "
                          f"{_pct(p['unique_dropped_fraction'])} |")
     lines += ["", "## Pictures", "", "![grid](grid.png)", "",

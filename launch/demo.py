@@ -1,8 +1,11 @@
 """The toy-world demo: memorization that really happens on a laptop, and the filter preventing it.
 
     python launch/demo.py                                   # ~6 minutes on 2 CPU cores
-    python launch/demo.py 'runs.filtered=[filter=fixed,filter.threshold=1.5]' output_dir=outputs/demo/fixed
-    python launch/demo.py world.repeats=80 'train=[max_train_steps=600]'
+    python launch/demo.py "runs.filtered='filter=fixed filter.threshold=1.5'" output_dir=outputs/demo/fixed
+    python launch/demo.py world.repeats=80 "train='max_train_steps=600 optim.learning_rate=1e-3'"
+
+`train` and each entry of `runs` are launch/train.py command-line overrides in one string (quoted for
+Hydra, since they hold `=`).
 
 1. builds the world's fine-tuning set (duplicated and unique items) as webdataset shards with the prep code;
 2. fine-tunes the shipped base model (builtin:world-base) on it, once per entry of `runs` (by default
@@ -38,6 +41,17 @@ _RULES = [
 ]
 
 
+def _overrides(value) -> list[str]:
+    """Training overrides from a string ("a=1 b=2", split like a shell) or a list of strings."""
+    import shlex
+
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    return [str(v) for v in value]
+
+
 def _train_config(overrides: list[str]) -> DictConfig:
     """conf/train.yaml with `overrides`, as `python launch/train.py <overrides>` would see it."""
     from hydra import compose
@@ -66,8 +80,8 @@ def run(cfg: DictConfig) -> dict:
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)
     if not cfg.runs or len(cfg.runs) < 2:
-        raise ConfigError("runs: needs at least two runs (name: [train overrides]) to compare, e.g. the default "
-                          "runs.unfiltered=[filter=none] and runs.filtered=[filter=timestep]")
+        raise ConfigError("runs: needs at least two runs (name: 'train overrides') to compare, e.g. the default "
+                          "runs.unfiltered='filter=none' and runs.filtered='filter=timestep'")
     console = Console()
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     timings, t0 = {}, time.time()
     settings = WorldEvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True), seed=cfg.seed)
     names = list(cfg.runs)
-    train_common = [str(o) for o in cfg.train]
+    train_common = _overrides(cfg.train)
     # every run's config is composed and checked before the first one starts
     configs = {}
     world = ToyWorld(num_unique=cfg.world.num_unique, num_duplicated=cfg.world.num_duplicated,
@@ -87,8 +101,8 @@ def run(cfg: DictConfig) -> dict:
     urls = shard_urls(data_dir)
     timings["world"] = time.time() - t0
     for name in names:
-        overrides = [*train_common, "data=webdataset", f"data.shards={urls}", f"output_dir={out / name}",
-                     f"seed={cfg.seed}", *[str(o) for o in cfg.runs[name]]]
+        overrides = [*train_common, "data=webdataset", f"data.shards='{urls}'", f"output_dir='{out / name}'",
+                     f"seed={cfg.seed}", *_overrides(cfg.runs[name])]
         configs[name] = (overrides, _train_config(overrides))
         from launch.config_check import check_train_config
         check_train_config(configs[name][1], torch.cuda.is_available())
@@ -102,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
         t = time.time()
         summary = train_app.run(tcfg)
         timings[f"fine-tune {name}"] = time.time() - t
-        runs[name] = {"overrides": [str(o) for o in cfg.runs[name]], "summary": summary,
+        runs[name] = {"overrides": _overrides(cfg.runs[name]), "summary": summary,
                       "run_dir": str(out / name)}
 
     console.rule("[bold]3/4 evaluation[/]")

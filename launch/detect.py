@@ -25,6 +25,7 @@ def run(cfg: DictConfig) -> dict:
     from evaluation.detection import detection_metrics
     from evaluation.generate import load_pipeline
     from evaluation.prompts import load_prompt_file
+    from launch.builders import resolve_pretrained
 
     sets = [(cfg.memorized, 1), (cfg.nonmemorized, 0), (cfg.prompts, -1)]
     rows = []
@@ -38,7 +39,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError("no prompts: give memorized=<file> and nonmemorized=<file>, or prompts=<file>")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     try:
-        pipe = load_pipeline(cfg.pipeline, device)
+        pipe = load_pipeline(resolve_pretrained(cfg.pipeline), device)
     except (OSError, ValueError) as e:
         raise ConfigError(f"pipeline={cfg.pipeline!r} could not be loaded: {e}") from None
     scores, mags = score_prompts(pipe, [r["prompt"] for r in rows], num_generations=cfg.num_generations,

@@ -47,7 +47,7 @@ def test_demo_runs_end_to_end_and_reports_every_section(tmp_path):
     out = tmp_path / "demo"
     cmd = ["python", str(REPO / "launch" / "demo.py"), f"output_dir={out}",
            "world.num_unique=40", "world.num_duplicated=2", "world.repeats=6", "world.shard_size=20",
-           "train=[max_train_steps=4,train_batch_size=8,logger=none,checkpointing_steps=2,validation_prompts=[]]",
+           "train='max_train_steps=4 train_batch_size=8 logger=none checkpointing_steps=2 validation_prompts=[]'",
            "evaluation.num_images_per_prompt=2", "evaluation.num_unique_prompts=6", "evaluation.unique_images=1",
            "evaluation.num_inference_steps=3", "evaluation.fresh_items=100"]
     proc = run_cmd(cmd, timeout=600)

@@ -38,7 +38,12 @@ def test_captions_name_what_is_drawn_and_the_reader_reads_it(split):
 def test_every_attribute_value_occurs_and_the_shape_is_drawn_in_its_colour():
     items = [draw_item(0, "base", i) for i in range(400)]
     assert {it["attrs"]["shape"] for it in items} == set(SHAPES)
-    assert {it["attrs"]["position"] for it in items} == set(POSITIONS)
+    assert {it["attrs"]["position"] for it in items} == {"center"}
+    spread = [draw_item(0, "base", i, WorldSpec(positions=POSITIONS)) for i in range(200)]
+    assert {it["attrs"]["position"] for it in spread} == set(POSITIONS)
+    assert all(read_attributes(it["image"], WorldSpec(positions=POSITIONS))["position"] == it["attrs"]["position"]
+               for it in spread)
+    assert all(parse_caption(it["caption"]) == it["attrs"] for it in spread)
     assert {it["attrs"]["colour"] for it in items} == set(COLOURS)
     it = items[0]
     mask = shape_mask(it["attrs"]["shape"], it["attrs"]["position"])
@@ -117,3 +122,5 @@ def test_tokenizer_gives_every_listed_word_one_token():
     ids = tok(caption).input_ids
     assert len(ids) == 11                                                  # bos + 9 words/commas + eos
     assert tok.decode(ids, skip_special_tokens=True).replace(" ,", ",") == caption
+    item = draw_item(0, "fresh", 3)
+    assert len(tok(item["caption"]).input_ids) == 9 and item["caption"].startswith("a ")

@@ -51,6 +51,8 @@ class BaseArgs:
         eval_every: UNet steps between fidelity checks. Default 1000.
         block_out_channels, cross_attention_levels, cross_attention_dim, vae_channels, max_length:
             model shape (see train.models.build_tiny). Defaults (64, 128), 2, 64, (32, 64), 16.
+        vae_from: a diffusers directory whose trained `vae/` is reused instead of training one (e.g. an
+            earlier build; the UNet stage is the long one). Default None: train it.
     """
 
     seed: int = 0
@@ -68,6 +70,7 @@ class BaseArgs:
     cross_attention_dim: int = 64
     vae_channels: tuple = (32, 64)
     max_length: int = 16
+    vae_from: str | None = None
 
 
 def world_components(args: BaseArgs, spec: WorldSpec = WorldSpec()) -> Components:
@@ -188,7 +191,14 @@ def build_world_base(out_dir: str | Path = ASSET_DIR, args: BaseArgs = BaseArgs(
     t0 = time.time()
     torch.manual_seed(args.seed)
     c = world_components(args, spec)
-    info = {"vae": train_vae(c, args, spec)}
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+        c.vae = AutoencoderKL.from_pretrained(args.vae_from, subfolder="vae").eval()
+        prev = Path(args.vae_from) / "world_base.json"
+        info = {"vae": {**(json.loads(prev.read_text())["vae"] if prev.is_file() else {}), "from": str(args.vae_from)}}
+    else:
+        info = {"vae": train_vae(c, args, spec)}
+        c.vae.save_pretrained(Path(out_dir) / "vae", safe_serialization=True)    # usable before the UNet is done
     c.vae.requires_grad_(False)
     info["unet"] = train_unet(c, args, spec)
     out = Path(out_dir)

@@ -1,8 +1,8 @@
 """The toy world: procedurally drawn captioned images in which memorization can be seen exactly.
 
-An item is a shape of one colour at one position on a background of another colour: the caption names
-those four attributes, e.g. "a red circle on the left, blue background". That is what a prompt
-*intends*. Every item also carries a detail no caption names: a 4x4 grid of blocks over the background,
+An item is a shape of one colour on a background of another colour: the caption names shape, colour and
+background, e.g. "a red circle on a blue background" (a world with several positions names the position
+too: "a red circle on the left, blue background"). That is what a prompt *intends*. Every item also carries a detail no caption names: a 4x4 grid of blocks over the background,
 each tinted by +-`amplitude` (48) in each RGB channel (48 random signs per item). A model that reproduces an
 item's tint pattern from its caption has memorized that item; a model that only follows the caption
 draws some pattern, not that one. Because the world is procedural, both are read back exactly from an
@@ -49,6 +49,9 @@ class WorldSpec:
         amplitude: detail tint per channel, in 0-255 units. Default 48.
         radius: shape half-size in pixels. Default 4 at 16 px (a quarter of the side).
         offset: where left and right sit, as a fraction of the side from the edge. Default 0.25.
+        positions: the positions items are drawn at (a subset of POSITIONS). Default ("center",): a
+            tiny UNet without positional embeddings learns a caption-chosen position far slower than the
+            rest (a CPU probe: at chance after 1000 steps), so the default world names no position.
     """
 
     resolution: int = 16
@@ -56,6 +59,7 @@ class WorldSpec:
     amplitude: float = 48.0
     radius: float | None = None
     offset: float = 0.25
+    positions: tuple = ("center",)
 
     def __post_init__(self):
         if self.resolution % self.grid:
@@ -87,7 +91,10 @@ def shape_mask(shape: str, position: str, spec: WorldSpec = WorldSpec()) -> np.n
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def caption_of(attrs: dict) -> str:
+def caption_of(attrs: dict, spec: "WorldSpec | None" = None) -> str:
+    """"a red circle on a blue background"; with several positions "a red circle on the left, blue background"."""
+    if spec is not None and len(spec.positions) == 1:
+        return f"a {attrs['colour']} {attrs['shape']} on a {attrs['background']} background"
     return f"a {attrs['colour']} {attrs['shape']} on the {attrs['position']}, {attrs['background']} background"
 
 
@@ -103,10 +110,10 @@ def render(attrs: dict, spec: WorldSpec = WorldSpec(), detail: np.ndarray | None
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def draw_attributes(rng: np.random.Generator) -> dict:
+def draw_attributes(rng: np.random.Generator, positions: tuple = POSITIONS) -> dict:
     colour, background = rng.choice(len(_NAMES), 2, replace=False)
     return {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": _NAMES[colour],
-            "position": POSITIONS[rng.integers(len(POSITIONS))], "background": _NAMES[background]}
+            "position": positions[rng.integers(len(positions))], "background": _NAMES[background]}
 
 
 def combo(attrs: dict) -> tuple:
@@ -121,11 +128,11 @@ def draw_item(seed: int, split: str, index: int, spec: WorldSpec = WorldSpec(),
     item's stream), so that the caption of a duplicated item names no other item of the split.
     """
     rng = np.random.default_rng([int(seed), SPLITS[split], int(index)])
-    attrs = draw_attributes(rng)
+    attrs = draw_attributes(rng, spec.positions)
     while combo(attrs) in reserved:
-        attrs = draw_attributes(rng)
+        attrs = draw_attributes(rng, spec.positions)
     detail = rng.choice(np.array([-1, 1], np.int8), size=(spec.grid, spec.grid, 3))
-    return {"image": render(attrs, spec, detail), "caption": caption_of(attrs), "attrs": attrs, "detail": detail}
+    return {"image": render(attrs, spec, detail), "caption": caption_of(attrs, spec), "attrs": attrs, "detail": detail}
 
 
 @dataclass
@@ -247,7 +254,7 @@ def read_attributes(image, spec: WorldSpec = WorldSpec()) -> dict:
     mask = idx == fg
     best, best_iou = ("circle", "center"), -1.0
     for shape in SHAPES:
-        for pos in POSITIONS:
+        for pos in spec.positions:
             t = _templates(spec)[shape, pos]
             iou = (mask & t).sum() / max(1, (mask | t).sum())
             if iou > best_iou:
@@ -260,14 +267,19 @@ _TEMPLATE_CACHE: dict = {}
 
 def _templates(spec: WorldSpec) -> dict:
     if spec not in _TEMPLATE_CACHE:
-        _TEMPLATE_CACHE[spec] = {(s, p): shape_mask(s, p, spec) for s in SHAPES for p in POSITIONS}
+        _TEMPLATE_CACHE[spec] = {(s, p): shape_mask(s, p, spec) for s in SHAPES for p in spec.positions}
     return _TEMPLATE_CACHE[spec]
+
+
+def named_attributes(spec: WorldSpec = WorldSpec()) -> tuple:
+    """The attributes a caption of this world names (position only when there is more than one)."""
+    return tuple(a for a in ATTRIBUTES if a != "position" or len(spec.positions) > 1)
 
 
 def fidelity(image, attrs: dict, spec: WorldSpec = WorldSpec()) -> dict:
     """Which named attributes of `attrs` (a prompt's) the image shows: {attribute: bool, "all": bool}."""
     read = read_attributes(image, spec)
-    out = {a: read[a] == attrs[a] for a in ATTRIBUTES}
+    out = {a: read[a] == attrs[a] for a in named_attributes(spec)}
     out["all"] = all(out.values())
     return out
 
@@ -296,11 +308,14 @@ def detail_descriptor(image, spec: WorldSpec = WorldSpec()) -> np.ndarray:
 
 
 def parse_caption(caption: str) -> dict | None:
-    """The attributes a world caption names, or None when the text is not a world caption."""
+    """The attributes a world caption names (either form of `caption_of`), or None when it is not one."""
     words = caption.replace(",", " ").split()
-    if len(words) != 8 or words[0] != "a" or words[3:5] != ["on", "the"] or words[7] != "background":
+    if len(words) == 7 and words[0] == "a" and words[3:5] == ["on", "a"] and words[6] == "background":
+        attrs = {"colour": words[1], "shape": words[2], "position": "center", "background": words[5]}
+    elif len(words) == 8 and words[0] == "a" and words[3:5] == ["on", "the"] and words[7] == "background":
+        attrs = {"colour": words[1], "shape": words[2], "position": words[5], "background": words[6]}
+    else:
         return None
-    attrs = {"colour": words[1], "shape": words[2], "position": words[5], "background": words[6]}
     ok = attrs["colour"] in COLOURS and attrs["background"] in COLOURS and attrs["shape"] in SHAPES \
         and attrs["position"] in POSITIONS
     return attrs if ok else None
@@ -313,13 +328,15 @@ WORLD_FILE = "world.json"
 
 def world_to_dict(world: ToyWorld) -> dict:
     from dataclasses import asdict
+    spec = {**asdict(world.spec), "positions": list(world.spec.positions)}
     return {"num_unique": world.num_unique, "num_duplicated": world.num_duplicated, "repeats": world.repeats,
-            "seed": world.seed, "spec": asdict(world.spec)}
+            "seed": world.seed, "spec": spec}
 
 
 def world_from_dict(d: dict) -> ToyWorld:
+    spec = {**d["spec"], "positions": tuple(d["spec"].get("positions", ("center",)))}
     return ToyWorld(num_unique=d["num_unique"], num_duplicated=d["num_duplicated"], repeats=d["repeats"],
-                    seed=d["seed"], spec=WorldSpec(**d["spec"]))
+                    seed=d["seed"], spec=WorldSpec(**spec))
 
 
 def load_world(data_dir) -> ToyWorld:
