@@ -97,7 +97,8 @@ def grid(results: dict, path: str | Path, cell: int = 80, per_run: int = 2) -> P
 
 
 def magnitude_plot(records: dict, path: str | Path, num_duplicated: int) -> Path | None:
-    """Training-time magnitude against step for duplicated and unique samples, per run, dropped in red."""
+    """Training-time magnitude against timestep, duplicated vs unique samples, in the first and the last
+    quarter of each run; red rings were dropped from the loss."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -107,23 +108,28 @@ def magnitude_plot(records: dict, path: str | Path, num_duplicated: int) -> Path
     runs = {n: p for n, p in records.items() if p is not None and Path(p).exists()}
     if not runs:
         return None
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.6), squeeze=False, sharey=True)
-    for ax, (name, rec_dir) in zip(axes[0], runs.items()):
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.2 * len(runs)), squeeze=False, sharey=True)
+    for row, (name, rec_dir) in zip(axes, runs.items()):
         t = read_records(rec_dir).to_pandas()
         t = t[t.magnitude > 0]
-        dup = t.key.str.slice(6, 12).astype(int) < num_duplicated
-        for sel, colour, label in ((~dup, "tab:blue", "unique"), (dup, "tab:orange", "duplicated")):
+        last = t.step.max()
+        for ax, (label, sel) in zip(row, (("first quarter", t.step <= max(1, last // 4)),
+                                          ("last quarter", t.step > last - max(1, last // 4)))):
             s = t[sel]
-            ax.scatter(s.step, s.magnitude, s=3, c=colour, alpha=0.35, label=label, linewidths=0)
-        drop = t[~t.kept]
-        ax.scatter(drop.step, drop.magnitude, s=6, facecolors="none", edgecolors="red", linewidths=0.5,
-                   label="dropped")
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.legend(loc="upper left", fontsize=7, markerscale=3)
-    axes[0][0].set_ylabel("magnitude m (training timestep)")
+            dup = s.key.str.slice(6, 12).astype(int) < num_duplicated
+            ax.scatter(s.timestep[~dup], s.magnitude[~dup], s=3, c="tab:blue", alpha=0.35, label="unique",
+                       linewidths=0)
+            ax.scatter(s.timestep[dup], s.magnitude[dup], s=3, c="tab:orange", alpha=0.5, label="duplicated",
+                       linewidths=0)
+            drop = s[~s.kept]
+            ax.scatter(drop.timestep, drop.magnitude, s=7, facecolors="none", edgecolors="red", linewidths=0.5,
+                       label="dropped")
+            ax.set_title(f"{name}: {label} of the steps")
+            ax.set_xlabel("training timestep t")
+            ax.legend(loc="upper right", fontsize=7, markerscale=3)
+        row[0].set_ylabel("magnitude m")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 
@@ -175,9 +181,10 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
     lines = ["# memfilter toy-world demo", "",
              f"World: {world['num_duplicated']} duplicated items x {world['repeats']} appearances and "
              f"{world['num_unique']} unique items ({n_dup_draws / (n_dup_draws + world['num_unique']):.0%} of the "
-             f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Every caption names the "
-             "shape, its colour and the background colour; a 4x4 pattern of background tints, each item's own, is "
-             "named by no caption.", ""]
+             f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Captions name "
+             f"{' and '.join(world['spec'].get('named', ['shape', 'colour']))} (what a prompt intends); "
+             + ("the background colour and " if "background" not in world["spec"].get("named", []) else "")
+             + "a 4x4 pattern of background tints, each item's own, are named by no caption.", ""]
     lines += ["## Targets", "", "| target | value | met |", "| --- | --- | --- |"]
     lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
     lines += ["", "## Runs", "", "| run | filter / overrides | steps | kept (duplicated) | kept (unique) | wall s |",
@@ -232,7 +239,8 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
               "their nearest training images (red frame: replicated).", "", "![detection](detection.png)", ""]
     if mag:
         lines += ["![magnitudes](magnitudes.png)", "", "magnitudes.png: the magnitude of every judged training "
-                  "sample at its timestep, duplicated vs unique; red rings were dropped from the loss.", ""]
+                  "sample against its timestep, duplicated vs unique, early and late in each run; red rings were "
+                  "dropped from the loss.", ""]
     if timings:
         lines += ["## Time", "", "| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]

@@ -111,8 +111,9 @@ def run(cfg: DictConfig) -> dict:
     for k, name in enumerate(names):
         overrides, tcfg = configs[name]
         console.rule(f"[bold]2/4 fine-tune {k + 1}/{len(names)}: {name}[/]")
-        console.print("python launch/train.py " + " ".join(f"'{o}'" if " " in o or "{" in o else o
-                                                           for o in overrides), soft_wrap=True, highlight=False)
+        console.print("python launch/train.py " + " ".join(f'"{o}"' if set(o) & set(" {}'[]") else o
+                                                           for o in overrides), soft_wrap=True, highlight=False,
+                      markup=False)
         t = time.time()
         summary = train_app.run(tcfg)
         timings[f"fine-tune {name}"] = time.time() - t

@@ -30,7 +30,7 @@ def test_shipped_base_loads_and_follows_captions():
     """The base the demo fine-tunes: a StableDiffusionPipeline from safetensors that draws what captions name."""
     from diffusers import StableDiffusionPipeline
 
-    from train.world_base import base_fidelity, BaseArgs  # noqa: F401
+    from train.world_base import base_fidelity
     from train.models import Components
 
     assert (ASSET_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -70,3 +70,24 @@ def test_demo_runs_end_to_end_and_reports_every_section(tmp_path):
     assert data["results"]["unfiltered"]["filter"]["overall"]["dropped"] == 0
     assert len(data["targets"]) == 4
     assert (out / "world" / "manifest.parquet").exists()
+
+
+def test_build_world_base_writes_a_loadable_pipeline(tmp_path, one_thread):
+    """The base builder end to end at a few steps: both stages, reuse of a trained VAE, save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+
+    from train.world_base import BaseArgs, build_world_base
+
+    args = BaseArgs(vae_steps=2, unet_steps=2, eval_every=1, batch_size=4, block_out_channels=(32, 32),
+                    cross_attention_dim=32, vae_channels=(32, 32))
+    out = build_world_base(tmp_path / "a", args)
+    info = json.loads((out / "world_base.json").read_text())
+    assert [h["step"] for h in info["unet"]["history"]] == [1, 2] and "all" in info["unet"]["history"][0]
+    assert info["vae"]["scaling_factor"] == pytest.approx(1 / info["vae"]["latent_std"])
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.vae.config.scaling_factor == pytest.approx(info["vae"]["scaling_factor"])
+    assert pipe.tokenizer.model_max_length == 16
+    again = build_world_base(tmp_path / "b", BaseArgs(**{**args.__dict__, "vae_from": str(out)}))
+    vae_a = StableDiffusionPipeline.from_pretrained(out).vae.state_dict()
+    vae_b = StableDiffusionPipeline.from_pretrained(again).vae.state_dict()
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)          # the VAE was reused, not retrained

@@ -59,7 +59,7 @@ def test_every_sample_dropped_is_safe(tmp_path):
     rec = read_records(run_dir / "records").to_pandas()
     assert not rec.kept.any() and np.isfinite(rec.magnitude).all() and np.isfinite(rec.loss).all()
     # the exported UNet equals the initial one: nothing was stepped
-    cfg = compose(["model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
+    cfg = compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
                    "model.tiny.vae_channels=[32,32]"])
     from launch.builders import build_components
     initial = build_components(cfg.model).unet.state_dict()
@@ -84,7 +84,7 @@ def test_filter_changes_the_update(tmp_path):
 def test_pretrained_directory_v_prediction_lora_and_ema(tmp_path):
     """model.pretrained loads a save_pretrained directory; v-prediction and LoRA export as diffusers does."""
     from launch.builders import build_components
-    base = build_components(compose(["model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
+    base = build_components(compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
                                      "model.tiny.vae_channels=[32,32]"]).model)
     from train.models import build_pipeline
     build_pipeline(base).save_pretrained(tmp_path / "base")

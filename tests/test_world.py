@@ -28,7 +28,7 @@ def test_captions_name_what_is_drawn_and_the_reader_reads_it(split):
     for i in range(300):
         item = draw_item(0, split, i)
         attrs = item["attrs"]
-        assert parse_caption(item["caption"]) == attrs
+        assert parse_caption(item["caption"]) == {a: attrs[a] for a in ("shape", "colour")}     # what is named
         assert attrs["colour"] != attrs["background"]
         read = read_attributes(item["image"])
         assert {a: read[a] for a in ATTRIBUTES} == attrs, (i, item["caption"], read)
@@ -43,7 +43,10 @@ def test_every_attribute_value_occurs_and_the_shape_is_drawn_in_its_colour():
     assert {it["attrs"]["position"] for it in spread} == set(POSITIONS)
     assert all(read_attributes(it["image"], WorldSpec(positions=POSITIONS))["position"] == it["attrs"]["position"]
                for it in spread)
-    assert all(parse_caption(it["caption"]) == it["attrs"] for it in spread)
+    named = WorldSpec(positions=POSITIONS, named=tuple(ATTRIBUTES))
+    for i in range(50):
+        it = draw_item(0, "base", i, named)
+        assert parse_caption(it["caption"]) == it["attrs"] and "background" in it["caption"]
     assert {it["attrs"]["colour"] for it in items} == set(COLOURS)
     it = items[0]
     mask = shape_mask(it["attrs"]["shape"], it["attrs"]["position"])
@@ -57,22 +60,26 @@ def test_reader_sees_a_wrong_attribute():
     a["shape"] = next(s for s in SHAPES if s != a["shape"])
     wrong = render(a, detail=item["detail"])
     f = fidelity(wrong, item["attrs"])
-    assert not f["shape"] and not f["all"] and f["colour"] and f["background"]
+    assert not f["shape"] and not f["all"] and f["colour"] and set(f) == {"shape", "colour", "all"}
 
 
 def test_detail_descriptor_is_the_tint_and_ignores_what_captions_name():
     spec = WorldSpec()
     item = draw_item(0, "fresh", 5)
     d = detail_descriptor(item["image"])
-    covered = d == 0
-    assert covered.sum() < d.size // 2
-    assert np.allclose(d[~covered], item["detail"].reshape(-1)[~covered].astype(np.float32), atol=1e-6)
-    # the same tint under other named attributes is still the same detail; another tint is not
-    other = dict(item["attrs"], background=next(c for c in COLOURS if c not in (item["attrs"]["background"],
-                                                                                 item["attrs"]["colour"])))
-    same_detail = render(other, spec, item["detail"])
+    tints, code = d[:48], d[48:]
+    covered = tints == 0
+    assert covered.sum() < tints.size // 2
+    assert np.allclose(tints[~covered], item["detail"].reshape(-1)[~covered].astype(np.float32), atol=1e-6)
+    assert np.array_equal(code, np.sign(np.asarray(COLOURS[item["attrs"]["background"]]) - 127.5) * 2)
     cos = lambda x, y: float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))  # noqa: E731
-    assert cos(d, detail_descriptor(same_detail)) > 0.7
+    # a named attribute changed (the shape's colour): the same detail; the unnamed background changed: not
+    colour = next(c for c in COLOURS if c not in (item["attrs"]["background"], item["attrs"]["colour"]))
+    recoloured = render(dict(item["attrs"], colour=colour), spec, item["detail"])
+    assert cos(d, detail_descriptor(recoloured)) == pytest.approx(1.0, abs=1e-6)
+    other_bg = next(c for c in COLOURS if c not in (item["attrs"]["background"], item["attrs"]["colour"]))
+    moved = detail_descriptor(render(dict(item["attrs"], background=other_bg), spec, item["detail"]))
+    assert 0.3 < cos(d, moved) < 0.95
     fresh = [detail_descriptor(draw_item(0, "fresh", i)["image"]) for i in range(100, 160)]
     assert np.mean([abs(cos(d, f)) for f in fresh]) < 0.25
 
@@ -123,4 +130,4 @@ def test_tokenizer_gives_every_listed_word_one_token():
     assert len(ids) == 11                                                  # bos + 9 words/commas + eos
     assert tok.decode(ids, skip_special_tokens=True).replace(" ,", ",") == caption
     item = draw_item(0, "fresh", 3)
-    assert len(tok(item["caption"]).input_ids) == 9 and item["caption"].startswith("a ")
+    assert len(tok(item["caption"]).input_ids) == 5 and item["caption"].startswith("a ")      # "a red circle"

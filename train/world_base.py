@@ -104,7 +104,7 @@ def train_vae(c: Components, args: BaseArgs, spec: WorldSpec) -> dict:
         opt.step()
         sched.step()
         if (step + 1) % 500 == 0:
-            log.info("vae step %d/%d  mse %.5f  (%.0f s)", step + 1, args.vae_steps, float(loss), time.time() - t0)
+            log.info("vae step %d/%d  mse %.5f  (%.0f s)", step + 1, args.vae_steps, loss.item(), time.time() - t0)
     vae.eval()
     with torch.no_grad():
         x, _, _ = _images(args.seed, "fresh", 0, 256, spec)
@@ -173,9 +173,8 @@ def train_unet(c: Components, args: BaseArgs, spec: WorldSpec) -> dict:
             unet.eval(), te.eval()
             fid = base_fidelity(c, spec, seed=args.seed)
             history.append({"step": step + 1, "loss": float(loss), **fid})
-            log.info("unet step %d/%d  loss %.4f  fidelity(EMA) all %.2f shape %.2f colour %.2f position %.2f "
-                     "background %.2f  (%.0f s)", step + 1, args.unet_steps, float(loss), fid["all"], fid["shape"],
-                     fid["colour"], fid["position"], fid["background"], time.time() - t0)
+            log.info("unet step %d/%d  loss %.4f  fidelity(EMA) %s  (%.0f s)", step + 1, args.unet_steps,
+                     float(loss), " ".join(f"{k} {v:.2f}" for k, v in fid.items()), time.time() - t0)
             if step + 1 < args.unet_steps:
                 with torch.no_grad():
                     for p, b in zip(params, backup):
