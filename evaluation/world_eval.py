@@ -155,6 +155,7 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
     det = detection_metrics(scores.numpy(), labels, fprs=(0.01,))
     det.update(num_generations=settings.detection_generations, num_steps=settings.detection_steps,
                duplicated_prompts=len(dup_prompts), unique_prompts=len(uniq_prompts),
+               unique_prompts_distinct=len(set(uniq_prompts)),
                score_duplicated_mean=float(scores[:len(dup_prompts)].mean()),
                score_unique_mean=float(scores[len(dup_prompts):].mean()),
                scores_duplicated=scores[:len(dup_prompts)].tolist(), scores_unique=scores[len(dup_prompts):].tolist())

@@ -197,7 +197,9 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
     d0 = results[names[0]]["detection"]
     lines += ["", f"## Detection (Wen et al., step 1, n={d0['num_generations']} generations, guidance "
                   f"{results[names[0]]['settings']['guidance_scale']})", "",
-              f"{d0['duplicated_prompts']} duplicated vs {d0['unique_prompts']} unique training captions.", "",
+              f"{d0['duplicated_prompts']} duplicated vs {d0['unique_prompts']} unique training items' captions "
+              f"({d0.get('unique_prompts_distinct', d0['unique_prompts'])} distinct: a world caption names only "
+              "shape and colour, so unique items share captions; a duplicated item's caption is its own).", "",
               "| run | AUC | TPR@1%FPR | mean score duplicated | mean score unique |", "| --- | --- | --- | --- | --- |"]
     for n in names:
         d = results[n]["detection"]

@@ -25,8 +25,10 @@ class FilterPolicy:
 
     name = "base"
 
+    uses_groups = False   # True: _decide also takes the group (caption) id of every sample
+
     def decide(self, magnitudes: torch.Tensor, timesteps: torch.Tensor | None = None,
-               eligible: torch.Tensor | None = None) -> torch.Tensor:
+               eligible: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
         """Keep mask for one global batch.
 
         Args:
@@ -36,6 +38,8 @@ class FilterPolicy:
                 dropped for classifier-free guidance, whose magnitude is 0 by construction) are kept
                 and do not enter the statistics. Default: all eligible. A non-finite magnitude is dropped
                 and never enters the statistics.
+            groups: [N] int64 group ids (a hash of each sample's caption), for policies that gather
+                evidence per caption (`uses_groups`); ignored by the others.
         Returns:
             [N] bool, True = the sample stays in the loss.
         """
@@ -47,7 +51,13 @@ class FilterPolicy:
         keep[broken] = False
         elig = elig & ~broken
         if elig.any():
-            keep[elig] = self._decide(m[elig], None if t is None else t[elig])
+            tt = None if t is None else t[elig]
+            if self.uses_groups:
+                if groups is None:
+                    raise ValueError(f"the {self.name} policy needs the group (caption) id of every sample")
+                keep[elig] = self._decide(m[elig], tt, groups.detach().long().cpu()[elig])
+            else:
+                keep[elig] = self._decide(m[elig], tt)
         return keep.to(magnitudes.device)
 
     def _decide(self, m: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -69,7 +79,7 @@ class NoFilter(FilterPolicy):
 
     name = "none"
 
-    def decide(self, magnitudes, timesteps=None, eligible=None):
+    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None):
         # everything, even a NaN magnitude (m is NaN when a plain fine-tune does not measure it)
         return torch.ones_like(magnitudes, dtype=torch.bool)
 
@@ -261,11 +271,114 @@ class TimestepBucketed(FilterPolicy):
         self._thresholds = [float(x) for x in state["thresholds"]]
 
 
-POLICIES = {cls.name: cls for cls in (NoFilter, FixedThreshold, BatchQuantile, RunningQuantile, TimestepBucketed)}
+@dataclass
+class CaptionHistory(FilterPolicy):
+    """Drops every sample of a caption once that caption's magnitudes have risen above their own start.
+
+    A single sample's m is noisy (it depends on its noise and timestep), and memorization builds up over
+    many appearances of the same item; Wen et al.'s detection averages m over generations and steps of
+    one prompt for the same reason. This policy does that during training, per caption:
+
+    1. each magnitude is normalised by the running median of its timestep bucket: r = m / median_b(t);
+    2. per caption (a group id: a hash of the caption text), the mean r of its first `baseline`
+       appearances is its baseline, and an exponential average of r (weight `decay` per appearance) its
+       current score;
+    3. a sample is dropped when its caption has a baseline and score / baseline > `threshold`.
+
+    Every judged sample, kept or dropped, updates its caption's score, so a caption whose m stays high
+    keeps being dropped, and its item stops being learned from its first signs of memorization on. A
+    caption seen fewer than `baseline` times (every unique item of a web-scale set) is never dropped.
+    The state grows with the number of distinct captions judged (four numbers each).
+
+    Args:
+        threshold: score / baseline above which a caption's samples are dropped. Default 1.15.
+        baseline: appearances that form a caption's baseline. Default 16.
+        decay: weight of the newest appearance in the score. Default 0.06.
+        num_buckets: equal timestep buckets for the normalisation. Default 10.
+        num_train_timesteps: the noise scheduler's num_train_timesteps. Default 1000.
+        window: past magnitudes per bucket for its running median. Default 1024.
+        warmup: magnitudes a bucket must have seen before its samples count. Default 32.
+        min_timestep: only samples at t >= min_timestep update a caption's score (the memorized detail
+            shows in the noise prediction at high noise; at low noise x_t already holds it); the decision
+            applies to the caption's samples at every t. Default 500.
+    """
+
+    threshold: float = 1.15
+    baseline: int = 16
+    decay: float = 0.06
+    min_timestep: int = 500
+    num_buckets: int = 10
+    num_train_timesteps: int = 1000
+    window: int = 1024
+    warmup: int = 32
+    name = "caption"
+    uses_groups = True
+
+    def __post_init__(self):
+        self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
+        self._groups: dict[int, list[float]] = {}          # id -> [count, baseline sum, score, last ratio]
+
+    def _decide(self, m, t, g):
+        if t is None:
+            raise ValueError("the caption policy needs the timesteps of the batch")
+        buckets = (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
+        med = torch.tensor([float(self._wins[b].values.median()) if len(self._wins[b]) >= self.warmup
+                            else float("nan") for b in range(self.num_buckets)])
+        keep = torch.ones_like(m, dtype=torch.bool)
+        for i in range(m.numel()):                  # in batch order: the same on every rank
+            st = self._groups.get(int(g[i]))
+            ref = med[buckets[i]]
+            if int(t[i]) >= self.min_timestep and torch.isfinite(ref) and ref > 0:
+                r = float(m[i] / ref)
+                st = self._groups.setdefault(int(g[i]), [0.0, 0.0, 0.0, 0.0])
+                if st[0] < self.baseline:
+                    st[1] += r
+                    st[2] = st[1] / (st[0] + 1)
+                else:
+                    st[2] = (1 - self.decay) * st[2] + self.decay * r
+                st[0] += 1
+                st[3] = r
+            if st is not None and st[0] > self.baseline:
+                keep[i] = not st[2] > self.threshold * st[1] / self.baseline
+        for b in buckets.unique().tolist():
+            self._wins[b].add(m[buckets == b])
+        return keep
+
+    def thresholds(self):
+        judged = [v for v in self._groups.values() if v[0] > self.baseline]
+        if not judged:
+            return {}
+        rel = torch.tensor([v[2] / (v[1] / self.baseline) for v in judged])
+        return {"captions_tracked": float(len(self._groups)), "captions_dropping": float((rel > self.threshold).sum()),
+                "score_ratio_max": float(rel.max())}
+
+    def state_dict(self):
+        ids = sorted(self._groups)
+        return {"values": [w.values.clone() for w in self._wins], "group_ids": torch.tensor(ids, dtype=torch.long),
+                "group_state": torch.tensor([self._groups[i] for i in ids], dtype=torch.float64).reshape(-1, 4)}
+
+    def load_state_dict(self, state):
+        if len(state["values"]) != self.num_buckets:
+            raise ValueError(f"checkpoint has {len(state['values'])} timestep buckets, "
+                             f"config filter.num_buckets={self.num_buckets}")
+        for w, v in zip(self._wins, state["values"]):
+            w.values = v.clone().float()
+        self._groups = {int(i): [float(x) for x in row]
+                        for i, row in zip(state["group_ids"].tolist(), state["group_state"].tolist())}
+
+
+def caption_group(caption: str) -> int:
+    """The group id of a caption for `CaptionHistory`: 48 bits of its SHA-256 (exact in two float32 halves)."""
+    import hashlib
+    return int(hashlib.sha256(caption.strip().lower().encode()).hexdigest()[:12], 16)
+
+
+POLICIES = {cls.name: cls for cls in (NoFilter, FixedThreshold, BatchQuantile, RunningQuantile, TimestepBucketed,
+                                      CaptionHistory)}
 
 
 def build_policy(name: str, **kwargs) -> FilterPolicy:
-    """Policy by name ("none", "fixed", "batch_quantile", "running_quantile", "timestep")."""
+    """Policy by name ("none", "fixed", "batch_quantile", "running_quantile", "timestep", "caption")."""
     if name not in POLICIES:
         raise ValueError(f"filter.name={name!r}: expected one of {sorted(POLICIES)}")
     return POLICIES[name](**kwargs)

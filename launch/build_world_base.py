@@ -1,6 +1,6 @@
 """Rebuild the toy world's base model (train/assets/world-base), the stand-in for a pretrained Stable Diffusion.
 
-    python launch/build_world_base.py                          # the shipped weights: ~30 minutes on 2 CPU cores
+    python launch/build_world_base.py                          # the shipped weights: ~20 minutes on 2 CPU cores
     python launch/build_world_base.py output_dir=/tmp/my-base unet_steps=2000
 
 Trains the VAE, then the UNet and text encoder on fresh, never-duplicated items of the world

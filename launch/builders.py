@@ -96,6 +96,6 @@ def _with_duplication(source, dup: dict):
 
 def build_filter(filter_cfg: DictConfig, num_train_timesteps: int):
     kwargs = {k: v for k, v in OmegaConf.to_container(filter_cfg, resolve=True).items() if k != "name"}
-    if filter_cfg.name == "timestep":
+    if filter_cfg.name in ("timestep", "caption"):
         kwargs["num_train_timesteps"] = num_train_timesteps
     return build_policy(filter_cfg.name, **kwargs)

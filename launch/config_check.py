@@ -91,6 +91,14 @@ _FILTER_RULES = {
         ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("update_with", lambda v: v in ("all", "kept", "warmup"), "all, kept or warmup")],
+    "caption": [
+        ("threshold", lambda v: _is_num(v) and v > 1, "a number > 1, e.g. filter.threshold=1.15"),
+        ("baseline", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        ("decay", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        ("min_timestep", lambda v: is_int(v) and v >= 0, "an integer >= 0, e.g. filter.min_timestep=500"),
+        ("num_buckets", lambda v: is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
+        ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1")],
     "none": [],
 }
 
@@ -109,7 +117,7 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if cfg.use_ema and cfg.model.lora.rank:
         raise ConfigError("use_ema=true with model.lora.rank>0: EMA of LoRA adapters is not supported; "
                           "set use_ema=false or model.lora.rank=0")
-    if name in ("running_quantile", "timestep") and cfg.filter.warmup > cfg.filter.window:
+    if name in ("running_quantile", "timestep", "caption") and cfg.filter.warmup > cfg.filter.window:
         raise ConfigError(f"filter.warmup={cfg.filter.warmup} > filter.window={cfg.filter.window}: the filter would "
                           "never start; lower filter.warmup or raise filter.window")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("offline", "online", "disabled"):

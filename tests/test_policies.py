@@ -370,3 +370,88 @@ def test_a_nan_magnitude_is_dropped_and_kept_out_of_the_statistics():
     keep = p.decide(torch.tensor([float("nan"), 1.0, 5.0]))
     assert keep.tolist() == [False, True, False]
     assert torch.isfinite(p.state_dict()["values"]).all() and p.state_dict()["values"].numel() == 6
+
+
+# --------------------------------------------------------------------------- per-caption evidence
+
+def _caption_stream(seed: int, steps: int = 30):
+    """8 captions x 4 samples a step; caption 0's magnitudes climb from step 10 on (an item being memorized)."""
+    g = _gen(seed)
+    groups = torch.arange(8).repeat_interleave(4)
+    for step in range(steps):
+        t = torch.randint(0, 1000, (32,), generator=g)
+        m = (1.0 + t.float() / 1000) * (1 + 0.15 * torch.randn(32, generator=g)).abs()
+        m[groups == 0] *= 1.0 + 0.06 * max(0, step - 10)
+        yield m, t, groups
+
+
+def test_caption_policy_drops_a_caption_once_its_magnitudes_rise_and_keeps_the_rest():
+    from filtering.policies import CaptionHistory
+
+    p = CaptionHistory(threshold=1.25, baseline=8, decay=0.2, num_buckets=4, window=256, warmup=8)
+    kept = {step: p.decide(m, t, groups=gr) for step, (m, t, gr) in enumerate(_caption_stream(0))}
+    groups = torch.arange(8).repeat_interleave(4)
+    first_drop = min(s for s, k in kept.items() if not k[groups == 0].all())
+    assert 12 <= first_drop <= 22                                   # after the rise began, not before
+    assert all(not k[groups == 0].any() for s, k in kept.items() if s >= 24)   # then every appearance
+    others = torch.stack([k[groups != 0] for k in kept.values()])
+    assert others.float().mean() > 0.97                             # stable captions stay
+    with pytest.raises(ValueError, match="group"):
+        p.decide(torch.ones(4), torch.zeros(4, dtype=torch.long))
+
+
+def test_caption_policy_never_drops_captions_seen_fewer_than_baseline_times():
+    from filtering.policies import CaptionHistory
+
+    p = CaptionHistory(threshold=1.01, baseline=5, num_buckets=1, warmup=4)
+    p.decide(torch.ones(8), torch.zeros(8, dtype=torch.long), groups=torch.arange(100, 108))   # warm-up
+    for i in range(5):                                              # huge magnitudes, each caption once
+        keep = p.decide(torch.full((8,), 50.0), torch.zeros(8, dtype=torch.long),
+                        groups=torch.arange(1000 + 8 * i, 1008 + 8 * i))
+        assert keep.all()
+
+
+def test_caption_policy_restored_mid_stream_decides_as_the_uninterrupted_one():
+    from filtering.policies import CaptionHistory
+
+    make = lambda: CaptionHistory(threshold=1.2, baseline=4, decay=0.3, num_buckets=4, window=64, warmup=8)  # noqa: E731
+    stream = list(_caption_stream(3))
+    a, b = make(), make()
+    for m, t, gr in stream[:15]:
+        a.decide(m, t, groups=gr)
+        b.decide(m, t, groups=gr)
+    restored = make()
+    restored.load_state_dict(copy.deepcopy(b.state_dict()))
+    dropped = 0
+    for m, t, gr in stream[15:]:
+        ka, kr = a.decide(m, t, groups=gr), restored.decide(m, t, groups=gr)
+        assert torch.equal(ka, kr)
+        dropped += int((~ka).sum())
+    assert dropped > 0
+    assert repr(restored.state_dict()) == repr(a.state_dict())
+
+
+def test_caption_group_ids_are_stable_48_bit_and_survive_the_float_gather():
+    from filtering.policies import caption_group
+
+    ids = [caption_group(c) for c in ("a red circle", " A Red Circle ", "a blue square")]
+    assert ids[0] == ids[1] != ids[2] and all(0 <= i < 2 ** 48 for i in ids)
+    g = torch.tensor(ids)
+    halves = torch.stack([(g >> 24).float(), (g & 0xFFFFFF).float()], 1)   # as train.step gathers them
+    assert torch.equal((halves[:, 0].long() << 24) | halves[:, 1].long(), g)
+
+
+def test_caption_policy_counts_only_high_noise_evidence_but_drops_at_every_timestep():
+    from filtering.policies import CaptionHistory
+
+    p = CaptionHistory(threshold=1.2, baseline=4, decay=0.5, num_buckets=2, window=64, warmup=4, min_timestep=500)
+    low, high = torch.full((4,), 100), torch.full((4,), 900)
+    gr = torch.tensor([7, 7, 8, 8])
+    for _ in range(4):                                              # warm-up and baselines at m = 1
+        p.decide(torch.ones(8), torch.cat([low, high]), groups=torch.cat([gr, gr]))
+    keep = p.decide(torch.tensor([9.0, 9.0, 1.0, 1.0]), low, groups=gr)  # a jump at low noise: no evidence
+    assert keep.all()
+    keep = p.decide(torch.tensor([3.0, 3.0, 1.0, 1.0]), high, groups=gr)  # at high noise: caption 7 flagged
+    assert keep.tolist() == [False, False, True, True]
+    keep = p.decide(torch.ones(4), low, groups=gr)                   # ... and dropped at low noise too
+    assert keep.tolist() == [False, False, True, True]

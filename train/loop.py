@@ -35,7 +35,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from filtering.policies import FilterPolicy
+from filtering.policies import FilterPolicy, caption_group
 from filtering.records import RecordWriter
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data.collate import CollateForTraining
@@ -426,7 +426,8 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                     eligible=~dropped, is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=raw_unet,
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=accelerator.gather,
                     rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m, valid=valid,
-                    pad_to=args.train_batch_size)
+                    pad_to=args.train_batch_size,
+                    groups=torch.tensor([caption_group(c) for c in batch["captions"]] or [0], dtype=torch.long))
                 # x world: DDP averages gradients over ranks, we want their sum (divided by kept_total below)
                 accelerator.backward(out.loss_sum * world)
             kept_total += out.kept_global

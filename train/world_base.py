@@ -43,12 +43,12 @@ class BaseArgs:
         seed: world and initialisation seed. Default 0.
         vae_steps: VAE optimisation steps. Default 2500.
         vae_lr: VAE AdamW lr. Default 1e-3.
-        unet_steps: UNet + text encoder steps. Default 5000.
+        unet_steps: UNet + text encoder steps. Default 2500.
         lr: UNet/text-encoder peak lr (cosine decay after 200 warm-up steps). Default 1e-3.
         batch_size: images per step (both stages). Default 64.
         caption_dropout: share of empty captions in UNet training (for guidance). Default 0.1.
         ema_decay: EMA decay of UNet and text encoder. Default 0.999.
-        eval_every: UNet steps between fidelity checks. Default 1000.
+        eval_every: UNet steps between fidelity checks. Default 500.
         block_out_channels, cross_attention_levels, cross_attention_dim, vae_channels, max_length:
             model shape (see train.models.build_tiny). Defaults (64, 128), 2, 64, (32, 64), 16.
         vae_from: a diffusers directory whose trained `vae/` is reused instead of training one (e.g. an
@@ -58,12 +58,12 @@ class BaseArgs:
     seed: int = 0
     vae_steps: int = 2500
     vae_lr: float = 1e-3
-    unet_steps: int = 5000
+    unet_steps: int = 2500
     lr: float = 1e-3
     batch_size: int = 64
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
-    eval_every: int = 1000
+    eval_every: int = 500
     block_out_channels: tuple = (64, 128)
     layers_per_block: int = 1
     cross_attention_levels: int = 2
