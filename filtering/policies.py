@@ -291,7 +291,7 @@ class CaptionHistory(FilterPolicy):
     The state grows with the number of distinct captions judged (four numbers each).
 
     Args:
-        threshold: score / baseline above which a caption's samples are dropped. Default 1.15.
+        threshold: score / baseline above which a caption's samples are dropped. Default 1.1.
         baseline: appearances that form a caption's baseline. Default 16.
         decay: weight of the newest appearance in the score. Default 0.06.
         num_buckets: equal timestep buckets for the normalisation. Default 10.
@@ -303,7 +303,7 @@ class CaptionHistory(FilterPolicy):
             applies to the caption's samples at every t. Default 500.
     """
 
-    threshold: float = 1.15
+    threshold: float = 1.1
     baseline: int = 16
     decay: float = 0.06
     min_timestep: int = 500

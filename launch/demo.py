@@ -15,6 +15,7 @@ Hydra, since they hold `=`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -97,7 +98,8 @@ def run(cfg: DictConfig) -> dict:
     data_dir = out / "world"
 
     console.rule(f"[bold]1/4 the world[/] -> {data_dir}")
-    prepare_world(world, data_dir, shard_size=cfg.world.shard_size, seed=cfg.seed, overwrite=True)
+    if not (cfg.reuse_runs and (data_dir / "world.json").is_file()):
+        prepare_world(world, data_dir, shard_size=cfg.world.shard_size, seed=cfg.seed, overwrite=True)
     urls = shard_urls(data_dir)
     timings["world"] = time.time() - t0
     for name in names:
@@ -110,6 +112,12 @@ def run(cfg: DictConfig) -> dict:
     runs = {}
     for k, name in enumerate(names):
         overrides, tcfg = configs[name]
+        done = out / name / "train_summary.json"
+        if cfg.reuse_runs and done.is_file() and (out / name / "pipeline" / "model_index.json").is_file():
+            console.rule(f"[bold]2/4 fine-tune {k + 1}/{len(names)}: {name}[/] (reused: reuse_runs=true)")
+            runs[name] = {"overrides": _overrides(cfg.runs[name]), "summary": json.loads(done.read_text()),
+                          "run_dir": str(out / name)}
+            continue
         console.rule(f"[bold]2/4 fine-tune {k + 1}/{len(names)}: {name}[/]")
         console.print("python launch/train.py " + " ".join(f'"{o}"' if set(o) & set(" {}'[]") else o
                                                            for o in overrides), soft_wrap=True, highlight=False,

@@ -59,8 +59,8 @@ def test_demo_runs_end_to_end_and_reports_every_section(tmp_path):
     for png in ("grid.png", "magnitudes.png", "detection.png"):
         assert (out / png).stat().st_size > 1000
     data = json.loads((out / "report.json").read_text())
-    assert set(data["results"]) == {"base", "unfiltered", "filtered"}
-    for name in ("unfiltered", "filtered"):
+    assert set(data["results"]) == {"base", "unfiltered", "filtered", "timestep"}     # conf/demo.yaml's runs
+    for name in ("unfiltered", "filtered", "timestep"):
         res = data["results"][name]
         assert res["filter"]["overall"]["duplicated_judged"] + res["filter"]["overall"]["unique_judged"] > 0
         assert len(res["rows"]) == 2 * 2 + 6

@@ -168,3 +168,28 @@ def test_errors(unet, batch, scheduler):
         x = torch.randn(B, C, H, W)
         magnitude_from_predictions(x, x + 1, prediction_type="v_prediction",
                                    alphas_cumprod=scheduler.alphas_cumprod)   # timesteps missing
+
+
+def test_training_step_gives_the_caption_policy_each_samples_group(unet, scheduler):
+    """The step gathers 48-bit caption ids exactly (float32 halves) and the policy decides per caption."""
+    import copy as _copy
+
+    from filtering.policies import CaptionHistory, caption_group
+    from train.step import filtered_diffusion_step
+
+    g = torch.Generator().manual_seed(3)
+    latents, embeds = torch.randn(8, C, H, W, generator=g), torch.randn(8, 6, D, generator=g)
+    uncond = torch.zeros(1, 6, D)
+    groups = torch.tensor([caption_group(c) for c in ["a red circle", "a blue square"] * 4])
+    policy = CaptionHistory(threshold=1.01, baseline=1, decay=1.0, num_buckets=1, warmup=1, window=64,
+                            min_timestep=0)
+    seen = []
+    for step in range(4):
+        mirror = _copy.deepcopy(policy)
+        out = filtered_diffusion_step(unet, scheduler, latents, embeds, uncond, policy,
+                                      torch.Generator().manual_seed(10 + step), groups=groups)
+        seen.append(out.keep)
+        expected = mirror.decide(out.magnitudes, out.timesteps, groups=groups)
+        assert torch.equal(out.keep, expected)
+    assert set(policy.state_dict()["group_ids"].tolist()) == set(groups.tolist())
+    assert not torch.stack(seen).all()                                # the policy did drop something

@@ -129,7 +129,9 @@ def test_filter_values_are_checked():
     with pytest.raises(ConfigError, match=r"filter\.threshold"):
         check_train_config(compose(["filter=fixed", "filter.threshold=-2"]), cuda_available=False)
     with pytest.raises(ConfigError, match=r"filter\.statistic"):
-        check_train_config(compose(["filter.statistic=mean"]), cuda_available=False)
+        check_train_config(compose(["filter=timestep", "filter.statistic=mean"]), cuda_available=False)
+    with pytest.raises(ConfigError, match=r"filter\.threshold"):
+        check_train_config(compose(["filter.threshold=0.9"]), cuda_available=False)       # caption: must be > 1
 
 
 def test_webdataset_run_reports_bad_samples(tmp_path):

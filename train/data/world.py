@@ -251,28 +251,34 @@ def _nearest_colour(pixels: np.ndarray) -> np.ndarray:
 
 
 def read_attributes(image, spec: WorldSpec = WorldSpec()) -> dict:
-    """The named attributes as drawn in `image` (uint8 RGB at spec.resolution): what a caption would say.
+    """The attributes as drawn in `image` (uint8 RGB at spec.resolution).
 
-    Background: the palette colour nearest to most pixels; colour: the palette colour nearest to most of
-    the other pixels; shape and position: the template (shape, position) whose mask best matches the
-    pixels of that colour (intersection over union). Also returns "iou", the match quality.
+    Each pixel is snapped to its nearest palette colour. Colour: the most common one in the *core* of a
+    position (the pixels every shape covers there); background: the most common one outside every shape there; shape: the template whose mask best
+    matches the pixels of the shape's colour (intersection over union, returned as "iou"). Reading the
+    colour from the core and the background from the margin keeps a patchy, tinted background from
+    outvoting the shape, as counting all pixels would in a noisy generation. With several positions, the
+    (position, shape) of the best match wins.
     """
     a = _as_array(image)
     if a.shape[0] != spec.resolution:
         a = _as_array(Image.fromarray(a.astype(np.uint8)).resize((spec.resolution,) * 2, Image.BILINEAR))
     idx = _nearest_colour(a)                                         # [S, S]
-    counts = np.bincount(idx.ravel(), minlength=len(_NAMES))
-    bg = int(counts.argmax())
-    counts[bg] = -1
-    fg = int(counts.argmax())
-    mask = idx == fg
-    best, best_iou = ("circle", "center"), -1.0
-    for shape in SHAPES:
-        for pos in spec.positions:
-            t = _templates(spec)[shape, pos]
+    tpl = _templates(spec)
+    best, best_iou, fg = ("circle", spec.positions[0]), -1.0, 0
+    for pos in spec.positions:                     # the shape's colour from the core of each position
+        core = np.logical_and.reduce([tpl[sh, pos] for sh in SHAPES])
+        colour = int(np.bincount(idx[core], minlength=len(_NAMES)).argmax())
+        mask = idx == colour
+        for shape in SHAPES:
+            t = tpl[shape, pos]
             iou = (mask & t).sum() / max(1, (mask | t).sum())
             if iou > best_iou:
-                best, best_iou = (shape, pos), float(iou)
+                best, best_iou, fg = (shape, pos), float(iou), colour
+    outside = ~np.logical_or.reduce([tpl[sh, best[1]] for sh in SHAPES])
+    counts = np.bincount(idx[outside], minlength=len(_NAMES))
+    counts[fg] = -1                                                   # the world never draws colour on itself
+    bg = int(counts.argmax())
     return {"shape": best[0], "colour": _NAMES[fg], "position": best[1], "background": _NAMES[bg], "iou": best_iou}
 
 
