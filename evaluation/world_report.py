@@ -18,12 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from evaluation.world_eval import to_json
 
 
-def _f(v, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+from evaluation.report import _fmt as _f  # noqa: E402  (one number format for every report)
 
 
 def _pct(v) -> str:

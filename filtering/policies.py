@@ -141,6 +141,14 @@ class _Window:
         return self.values.numel()
 
 
+def _restore_windows(wins: list, values: list) -> None:
+    """Per-bucket windows back from a checkpoint, which must have as many buckets as the config."""
+    if len(values) != len(wins):
+        raise ValueError(f"checkpoint has {len(values)} timestep buckets, config filter.num_buckets={len(wins)}")
+    for w, v in zip(wins, values):
+        w.values = v.clone().float()
+
+
 def _robust_threshold(values: torch.Tensor, statistic: str, k: float, quantile: float) -> float:
     if statistic == "median_mad":
         med = values.median()
@@ -263,11 +271,7 @@ class TimestepBucketed(FilterPolicy):
         return {"values": [w.values.clone() for w in self._wins], "thresholds": list(self._thresholds)}
 
     def load_state_dict(self, state):
-        if len(state["values"]) != self.num_buckets:
-            raise ValueError(f"checkpoint has {len(state['values'])} timestep buckets, "
-                             f"config filter.num_buckets={self.num_buckets}")
-        for w, v in zip(self._wins, state["values"]):
-            w.values = v.clone().float()
+        _restore_windows(self._wins, state["values"])
         self._thresholds = [float(x) for x in state["thresholds"]]
 
 
@@ -358,11 +362,7 @@ class CaptionHistory(FilterPolicy):
                 "group_state": torch.tensor([self._groups[i] for i in ids], dtype=torch.float64).reshape(-1, 4)}
 
     def load_state_dict(self, state):
-        if len(state["values"]) != self.num_buckets:
-            raise ValueError(f"checkpoint has {len(state['values'])} timestep buckets, "
-                             f"config filter.num_buckets={self.num_buckets}")
-        for w, v in zip(self._wins, state["values"]):
-            w.values = v.clone().float()
+        _restore_windows(self._wins, state["values"])
         self._groups = {int(i): [float(x) for x in row]
                         for i, row in zip(state["group_ids"].tolist(), state["group_state"].tolist())}
 
