@@ -201,8 +201,8 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
     by = {s: [r for r in rows if r["set"] == s] for s in ("duplicated", "unique")}
     out = {"detection": det, "replication": {"bar": bar, **{s: summary(v) for s, v in by.items()}},
            "fidelity": {s: fid(v) for s, v in by.items()}, "rows": rows,
-           "settings": asdict(settings), "descriptor": "world detail (block tints of the background; "
-                                                       "cosine; exact for the procedural world)"}
+           "settings": asdict(settings), "descriptor": "world detail (block tints of the background and "
+                                                       "the background colour; cosine; exact for the procedural world)"}
     if records_dir is not None and Path(records_dir).exists():
         out["filter"] = filter_decisions(records_dir, world)
     return out
