@@ -105,8 +105,7 @@ def filter_decisions(records_dir: str | Path, world: ToyWorld, num_phases: int =
     from filtering.records import read_records
 
     t = read_records(records_dir).to_pandas()
-    item = t["key"].str.slice(6, 12).astype(int)
-    dup = (item < world.num_duplicated).to_numpy()
+    dup = ToyWorld.item_of_keys(t["key"]) < world.num_duplicated
     judged = (t["magnitude"] > 0).to_numpy()
     dropped = ~t["kept"].to_numpy()
     step = t["step"].to_numpy()

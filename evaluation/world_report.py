@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.world_eval import to_json
+from train.data.world import ToyWorld
 
 
 from evaluation.report import _fmt as _f  # noqa: E402  (one number format for every report)
@@ -111,7 +112,7 @@ def magnitude_plot(records: dict, path: str | Path, num_duplicated: int) -> Path
         for ax, (label, sel) in zip(row, (("first quarter", t.step <= max(1, last // 4)),
                                           ("last quarter", t.step > last - max(1, last // 4)))):
             s = t[sel]
-            dup = s.key.str.slice(6, 12).astype(int) < num_duplicated
+            dup = ToyWorld.item_of_keys(s.key) < num_duplicated
             ax.scatter(s.timestep[~dup], s.magnitude[~dup], s=3, c="tab:blue", alpha=0.35, label="unique",
                        linewidths=0)
             ax.scatter(s.timestep[dup], s.magnitude[dup], s=3, c="tab:orange", alpha=0.5, label="duplicated",

@@ -1,6 +1,6 @@
 """The toy-world demo: memorization that really happens on a laptop, and the filter preventing it.
 
-    python launch/demo.py                                   # ~6 minutes on 2 CPU cores
+    python launch/demo.py                                   # ~7.5 minutes on 2 CPU cores
     python launch/demo.py "runs.filtered='filter=fixed filter.threshold=1.5'" output_dir=outputs/demo/fixed
     python launch/demo.py world.repeats=80 "train='max_train_steps=600 optim.learning_rate=1e-3'"
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, check_value, is_int, run_or_exit  # noqa: E402
+from launch.config_check import ConfigError, check_train_config, check_value, is_int, run_or_exit  # noqa: E402
 
 log = logging.getLogger("memfilter.demo")
 
@@ -106,7 +106,6 @@ def run(cfg: DictConfig) -> dict:
         overrides = [*train_common, "data=webdataset", f"data.shards='{urls}'", f"output_dir='{out / name}'",
                      f"seed={cfg.seed}", *_overrides(cfg.runs[name])]
         configs[name] = (overrides, _train_config(overrides))
-        from launch.config_check import check_train_config
         check_train_config(configs[name][1], torch.cuda.is_available())
 
     runs = {}

@@ -120,6 +120,10 @@ def test_prepare_world_writes_shards_with_ground_truth(tmp_path):
     assert sample["txt"].decode() == w.item(1)["caption"]
     assert json.loads(sample["json"])["dup_group"] == 1
     assert shard_urls(tmp_path).endswith("shard-{000000..000002}.tar")
+    items = ToyWorld.item_of_keys(man.key)                                # shard keys map back to their items
+    assert (items == man.source_key.str.slice(6).astype(int)).all()
+    assert ((items < 3) == (man.dup_group >= 0)).all()
+    assert ToyWorld.item_of_keys([w.sample(2, 1)["key"]]).tolist() == [2]
 
 
 def test_tokenizer_gives_every_listed_word_one_token():

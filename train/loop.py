@@ -427,7 +427,8 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=accelerator.gather,
                     rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m, valid=valid,
                     pad_to=args.train_batch_size,
-                    groups=torch.tensor([caption_group(c) for c in batch["captions"]] or [0], dtype=torch.long))
+                    groups=torch.tensor([caption_group(c) for c in batch["captions"]] or [0], dtype=torch.long)
+                    if policy.uses_groups else None)      # hash captions only for a policy that reads them
                 # x world: DDP averages gradients over ranks, we want their sum (divided by kept_total below)
                 accelerator.backward(out.loss_sum * world)
             kept_total += out.kept_global

@@ -197,6 +197,12 @@ class ToyWorld:
     def key(index: int, copy: int = 0) -> str:
         return f"world-{index:06d}-{copy:03d}"
 
+    @staticmethod
+    def item_of_keys(keys) -> np.ndarray:
+        """Item index of each key, for every key form the world writes ("world-000003-001" in memory,
+        "world-000003#dup0001" in shards)."""
+        return np.array([int(str(k)[6:12]) for k in keys], dtype=np.int64)
+
     def sample(self, index: int, copy: int = 0) -> dict:
         """The Sample of one appearance (key, PIL image, caption, meta with dup_group and attributes)."""
         item = self.item(index)
