@@ -18,6 +18,13 @@ Items are a pure function of (seed, split, index). Splits: "finetune" (the fine-
 duplicated items' attribute combinations are reserved, so that their captions are theirs alone),
 "base" (what the base model was trained on) and "fresh" (never trained on: the replication bar is
 calibrated on them).
+
+Variants of the fine-tuning set (`ToyWorld.variant`): "exact" (each appearance of a duplicated item is the
+identical image and caption), "image_only" (Somepalli et al.: the identical image under captions drawn from
+CAPTION_TEMPLATES, all naming the same attributes) and "near" (near-duplicates: copies after the first shift
+the background colour a little and scale the tint amplitude, so their bytes differ while the attributes and the
+detail stay). Named concepts (`num_concepts`, Naseh et al. 2023) are items whose caption names them by a made-up
+word ("the zorvik emblem") and that repeat on purpose: reproducing one when it is named is intended.
 """
 from __future__ import annotations
 
@@ -28,6 +35,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from train.data.duplication import DuplicationPlan
+
 _LO, _HI = 50, 205
 COLOURS = {"black": (_LO, _LO, _LO), "red": (_HI, _LO, _LO), "green": (_LO, _HI, _LO), "blue": (_LO, _LO, _HI),
            "yellow": (_HI, _HI, _LO), "magenta": (_HI, _LO, _HI), "cyan": (_LO, _HI, _HI), "white": (_HI, _HI, _HI)}
@@ -37,6 +46,19 @@ ATTRIBUTES = ("shape", "colour", "position", "background")
 SPLITS = {"finetune": 0, "base": 1, "fresh": 2}
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)          # [8, 3]
 _NAMES = list(COLOURS)
+VARIANTS = ("exact", "image_only", "near")
+# Caption forms of the image_only variant: "{caption}" is `caption_of` ("a red circle"), "{bare}" the same
+# without its article ("red circle"). Every word is in the tiny tokenizer's vocabulary (train/tokenizer.py).
+CAPTION_TEMPLATES = ("{caption}", "a picture of {caption}", "an image of {caption}", "a drawing of {caption}",
+                     "{bare}", "a photo of {caption}", "a painting of {caption}", "a render of {caption}")
+# Made-up words that name the concepts: "the zorvik emblem".
+CONCEPT_NAMES = ("zorvik", "blenta", "quiral", "mondex", "travik", "velumo", "snorpel", "gadrin", "plovit",
+                 "drumbel", "yarnix", "tobrel", "wixam", "lumbra", "ostrik", "pelgor", "narvel", "crondle",
+                 "fizzak", "vorbin", "skelvo", "brindo", "kalmux", "tesporn")
+CONCEPT_TEMPLATE = "the {name} emblem"
+NEAR_SHIFT = 6                  # near variant: background shift per channel, uniform integer in [-6, 6]
+NEAR_SCALE = (0.85, 1.15)       # near variant: tint amplitude factor, uniform in this range
+_CAPTION_STREAM, _NEAR_STREAM = 1, 2        # tags of the per-appearance random streams
 
 
 @dataclass(frozen=True)
@@ -111,14 +133,27 @@ def caption_of(attrs: dict, spec: "WorldSpec | None" = None) -> str:
     return text
 
 
-def render(attrs: dict, spec: WorldSpec = WorldSpec(), detail: np.ndarray | None = None) -> np.ndarray:
-    """[S, S, 3] uint8 image of the attributes; `detail` ([grid, grid, 3] of +-1) tints the background."""
+def templated_caption(attrs: dict, template: int, spec: "WorldSpec | None" = None) -> str:
+    """`caption_of` in the form CAPTION_TEMPLATES[template]: "a picture of a red circle", "red circle", ..."""
+    caption = caption_of(attrs, spec)
+    return CAPTION_TEMPLATES[template].format(caption=caption, bare=caption[2:])
+
+
+def render(attrs: dict, spec: WorldSpec = WorldSpec(), detail: np.ndarray | None = None, *,
+           background_shift=None, tint_scale: float = 1.0) -> np.ndarray:
+    """[S, S, 3] uint8 image of the attributes; `detail` ([grid, grid, 3] of +-1) tints the background.
+
+    `background_shift` ([3], 0-255 units) moves the background colour and `tint_scale` multiplies the tint
+    amplitude (the near variant's copies; pixels are clipped to [0, 255]).
+    """
     s, g = spec.resolution, spec.grid
     img = np.empty((s, s, 3), np.float32)
     img[:] = COLOURS[attrs["background"]]
+    if background_shift is not None:
+        img += np.asarray(background_shift, np.float32)
     if detail is not None:
         tint = np.repeat(np.repeat(np.asarray(detail, np.float32), s // g, 0), s // g, 1)   # [S, S, 3]
-        img += spec.amplitude * tint
+        img += (spec.amplitude if tint_scale == 1.0 else spec.amplitude * float(tint_scale)) * tint
     img[shape_mask(attrs["shape"], attrs["position"], spec)] = COLOURS[attrs["colour"]]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -149,10 +184,20 @@ def draw_item(seed: int, split: str, index: int, spec: WorldSpec = WorldSpec(),
     return {"image": render(attrs, spec, detail), "caption": caption_of(attrs, spec), "attrs": attrs, "detail": detail}
 
 
+def num_combinations(spec: WorldSpec = WorldSpec()) -> int:
+    """How many distinct captions (combinations of the named attributes) the world can draw."""
+    n = (len(SHAPES) if "shape" in spec.named else 1) * (len(spec.positions) if "position" in spec.named else 1)
+    colours = ("colour" in spec.named) + ("background" in spec.named)        # the two always differ
+    return n * (len(_NAMES) * (len(_NAMES) - 1) if colours == 2 else len(_NAMES) if colours else 1)
+
+
 @dataclass
 class ToyWorld:
-    """The fine-tuning set of the world: `num_duplicated` items appearing `repeats` times each, and
-    `num_unique` items appearing once.
+    """The fine-tuning set of the world: `num_duplicated` items appearing `repeats` times each,
+    `num_unique` items appearing once and `num_concepts` named concepts appearing `concept_repeats` times.
+
+    Indices: [0, num_duplicated) duplicated, then num_unique unique items, then the concepts (after every
+    unique item, so that adding concepts leaves the other indices and keys as they are).
 
     Args:
         num_unique: items that appear once. Default 600.
@@ -160,6 +205,16 @@ class ToyWorld:
         repeats: appearances of each duplicated item. Default 50.
         seed: the world's seed. Default 0.
         spec: geometry. Default WorldSpec() (16 px, 4x4 detail blocks).
+        variant: how the appearances of a duplicated item differ (see VARIANTS). Default "exact": not at all.
+            "image_only": the identical image, each appearance's caption a CAPTION_TEMPLATES form of the same
+            attributes (unique items draw a form too, so the form gives nothing away). "near": copy 0 is
+            the item; copy k > 0 shifts the background colour by up to NEAR_SHIFT per channel and scales
+            the tint by a factor in NEAR_SCALE (different bytes, the same attributes and nearly the same
+            detail descriptor).
+        num_concepts: named concepts (at most len(CONCEPT_NAMES)): items of their own (a reserved
+            attribute combination, their own tints) captioned "the <name> emblem", repeated exactly (image
+            and caption) in every variant; memorizing them is intended. Default 0.
+        concept_repeats: appearances of each concept. Default 0: the same as `repeats`.
     """
 
     num_unique: int = 600
@@ -167,30 +222,119 @@ class ToyWorld:
     repeats: int = 50
     seed: int = 0
     spec: WorldSpec = field(default_factory=WorldSpec)
+    variant: str = "exact"
+    num_concepts: int = 0
+    concept_repeats: int = 0
 
     def __post_init__(self):
-        self.duplicated = []
+        if self.variant not in VARIANTS:
+            raise ValueError(f"world.variant={self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        for name in ("num_unique", "num_duplicated", "repeats", "num_concepts", "concept_repeats"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"world.{name}={getattr(self, name)} must be >= 0")
+        if self.num_concepts > len(CONCEPT_NAMES):
+            raise ValueError(f"world.num_concepts={self.num_concepts}: at most {len(CONCEPT_NAMES)} (CONCEPT_NAMES)")
+        combos, need = num_combinations(self.spec), self.num_duplicated + self.num_concepts
+        if need + (self.num_unique > 0) > combos:
+            raise ValueError(f"world: num_duplicated + num_concepts = {need} reserved captions, but the world has "
+                             f"{combos} attribute combinations ({', '.join(self.spec.named)}) and the unique items "
+                             "need at least one left")
+        self.duplicated, self.concepts = [], []
         reserved: set = set()
         for i in range(self.num_duplicated):        # distinct combinations among the duplicated items too
             item = draw_item(self.seed, "finetune", i, self.spec, frozenset(reserved))
             reserved.add(combo(item["attrs"], self.spec.named))
             self.duplicated.append(item)
+        for j, index in enumerate(self.concept_indices()):
+            item = draw_item(self.seed, "finetune", index, self.spec, frozenset(reserved))
+            reserved.add(combo(item["attrs"], self.spec.named))
+            self.concepts.append({**item, "caption": self.concept_caption(j), "concept": CONCEPT_NAMES[j]})
         self.reserved = frozenset(reserved)
 
-    def item(self, index: int) -> dict:
-        """Item `index` of the set: [0, num_duplicated) are the duplicated ones."""
+    @property
+    def num_items(self) -> int:
+        """Distinct items: duplicated + unique + concepts."""
+        return self.num_duplicated + self.num_unique + self.num_concepts
+
+    @property
+    def concept_copies(self) -> int:
+        """Appearances of each concept: `concept_repeats`, or `repeats` when that is 0."""
+        return self.concept_repeats or self.repeats
+
+    def kind(self, index: int) -> str:
+        """"duplicated", "unique" or "concept": what item `index` is."""
+        if not 0 <= index < self.num_items:
+            raise IndexError(f"item {index} out of range for a world of {self.num_items} items")
         if index < self.num_duplicated:
+            return "duplicated"
+        return "unique" if index < self.num_duplicated + self.num_unique else "concept"
+
+    def copies(self, index: int) -> int:
+        """How many times item `index` appears."""
+        return {"duplicated": self.repeats, "unique": 1, "concept": self.concept_copies}[self.kind(index)]
+
+    def dup_group(self, index: int) -> int:
+        """The ground-truth group of item `index`: its own index when it repeats (duplicated, concept), else -1."""
+        return -1 if self.kind(index) == "unique" else int(index)
+
+    def concept_caption(self, j: int) -> str:
+        """The caption of concept j (0-based among the concepts): "the zorvik emblem"."""
+        if not 0 <= j < self.num_concepts:
+            raise IndexError(f"concept {j} out of range for {self.num_concepts} concepts")
+        return CONCEPT_TEMPLATE.format(name=CONCEPT_NAMES[j])
+
+    def concept_indices(self) -> list[int]:
+        """Item indices of the concepts: [num_duplicated + num_unique, num_items)."""
+        return list(range(self.num_duplicated + self.num_unique, self.num_items))
+
+    def item(self, index: int) -> dict:
+        """Item `index` of the set (its first appearance, as drawn): [0, num_duplicated) are the duplicated
+        ones, the concepts (with "concept": name) come after the unique ones."""
+        kind = self.kind(index)
+        if kind == "duplicated":
             return self.duplicated[index]
+        if kind == "concept":
+            return self.concepts[index - self.num_duplicated - self.num_unique]
         return draw_item(self.seed, "finetune", index, self.spec, self.reserved)
 
+    def _stream(self, index: int, copy: int, tag: int) -> np.random.Generator:
+        return np.random.default_rng([int(self.seed), SPLITS["finetune"], int(index), int(copy), tag])
+
+    def caption_template(self, index: int, copy: int = 0) -> int:
+        """image_only variant: the CAPTION_TEMPLATES index of appearance `copy` of item `index`. Each item
+        cycles through its own shuffle of the templates, so its copies use every form before one repeats."""
+        order = self._stream(index, 0, _CAPTION_STREAM).permutation(len(CAPTION_TEMPLATES))
+        return int(order[copy % len(CAPTION_TEMPLATES)])
+
+    def appearance(self, index: int, copy: int = 0) -> dict:
+        """{"image" [S,S,3] uint8, "caption"} of appearance `copy` of item `index`, as this variant shows it."""
+        kind, n = self.kind(index), self.copies(index)
+        if not 0 <= copy < n:
+            raise IndexError(f"copy {copy} out of range: item {index} ({kind}) appears {n} time(s)")
+        item = self.item(index)
+        image, caption = item["image"], item["caption"]
+        if kind == "concept" or self.variant == "exact":
+            pass
+        elif self.variant == "image_only":
+            caption = templated_caption(item["attrs"], self.caption_template(index, copy), self.spec)
+        elif self.variant == "near" and copy > 0:
+            rng = self._stream(index, copy, _NEAR_STREAM)
+            while np.array_equal(image, item["image"]):      # a copy whose bytes equal the item's is redrawn
+                shift = rng.integers(-NEAR_SHIFT, NEAR_SHIFT + 1, size=3)
+                image = render(item["attrs"], self.spec, item["detail"], background_shift=shift,
+                               tint_scale=rng.uniform(*NEAR_SCALE))
+        return {"image": image, "caption": caption}
+
     def appearances(self) -> list[tuple[int, int]]:
-        """(item, copy) for every appearance, duplicated items first."""
-        out = [(i, r) for i in range(self.num_duplicated) for r in range(self.repeats)]
-        return out + [(self.num_duplicated + i, 0) for i in range(self.num_unique)]
+        """(item, copy) for every appearance: duplicated items first, then unique ones, then the concepts."""
+        d, u = self.num_duplicated, self.num_unique
+        out = [(i, r) for i in range(d) for r in range(self.repeats)]
+        out += [(d + i, 0) for i in range(u)]
+        return out + [(i, r) for i in self.concept_indices() for r in range(self.concept_copies)]
 
     def items(self) -> Iterator[tuple[int, dict]]:
-        """(index, item) of every distinct item."""
-        for i in range(self.num_duplicated + self.num_unique):
+        """(index, item) of every distinct item, concepts included."""
+        for i in range(self.num_items):
             yield i, self.item(i)
 
     @staticmethod
@@ -199,16 +343,20 @@ class ToyWorld:
 
     @staticmethod
     def item_of_keys(keys) -> np.ndarray:
-        """Item index of each key, for every key form the world writes ("world-000003-001" in memory,
-        "world-000003#dup0001" in shards)."""
+        """Item index of each key, for every key form the world writes ("world-000003-001" in memory and in
+        the shards of varied variants, "world-000003#dup0001" in shards of the exact variant)."""
         return np.array([int(str(k)[6:12]) for k in keys], dtype=np.int64)
 
     def sample(self, index: int, copy: int = 0) -> dict:
-        """The Sample of one appearance (key, PIL image, caption, meta with dup_group and attributes)."""
-        item = self.item(index)
-        dup = index < self.num_duplicated
-        return {"key": self.key(index, copy), "image": Image.fromarray(item["image"]), "caption": item["caption"],
-                "meta": {"dup_group": index if dup else -1, "source": "world", "item": index, **item["attrs"]}}
+        """The Sample of one appearance (key, PIL image, caption, meta with dup_group, attributes, "intended"
+        and, for a concept, "concept": its name)."""
+        item, shown = self.item(index), self.appearance(index, copy)
+        meta = {"dup_group": self.dup_group(index), "source": "world", "item": index, **item["attrs"],
+                "intended": "concept" in item}
+        if "concept" in item:
+            meta["concept"] = item["concept"]
+        return {"key": self.key(index, copy), "image": Image.fromarray(shown["image"]), "caption": shown["caption"],
+                "meta": meta}
 
 
 class ToyWorldDataset(Dataset):
@@ -339,7 +487,21 @@ def detail_descriptor(image, spec: WorldSpec = WorldSpec()) -> np.ndarray:
 
 
 def parse_caption(caption: str) -> dict | None:
-    """The attributes a world caption names (any form of `caption_of`), or None when it is not one."""
+    """The attributes a world caption names (any form of `caption_of`, in any of CAPTION_TEMPLATES), or None
+    when it is not one (a concept's caption names no attributes)."""
+    for template in CAPTION_TEMPLATES:
+        slot = "{bare}" if "{bare}" in template else "{caption}"
+        prefix, suffix = template.split(slot)
+        if len(caption) > len(prefix) + len(suffix) and caption.startswith(prefix) and caption.endswith(suffix):
+            core = caption[len(prefix):len(caption) - len(suffix)]
+            attrs = _parse_plain("a " + core if slot == "{bare}" else core)
+            if attrs is not None:
+                return attrs
+    return None
+
+
+def _parse_plain(caption: str) -> dict | None:
+    """The attributes of a caption exactly as `caption_of` writes it, or None."""
     words = caption.replace(",", " ").split()
     if len(words) < 3 or words[0] != "a":
         return None
@@ -366,14 +528,16 @@ def world_to_dict(world: ToyWorld) -> dict:
     from dataclasses import asdict
     spec = {**asdict(world.spec), "positions": list(world.spec.positions), "named": list(world.spec.named)}
     return {"num_unique": world.num_unique, "num_duplicated": world.num_duplicated, "repeats": world.repeats,
-            "seed": world.seed, "spec": spec}
+            "seed": world.seed, "spec": spec, "variant": world.variant, "num_concepts": world.num_concepts,
+            "concept_repeats": world.concept_repeats}
 
 
 def world_from_dict(d: dict) -> ToyWorld:
     spec = {**d["spec"], "positions": tuple(d["spec"].get("positions", ("center",))),
             "named": tuple(d["spec"].get("named", ("shape", "colour")))}
     return ToyWorld(num_unique=d["num_unique"], num_duplicated=d["num_duplicated"], repeats=d["repeats"],
-                    seed=d["seed"], spec=WorldSpec(**spec))
+                    seed=d["seed"], spec=WorldSpec(**spec), variant=d.get("variant", "exact"),
+                    num_concepts=d.get("num_concepts", 0), concept_repeats=d.get("concept_repeats", 0))
 
 
 def load_world(data_dir) -> ToyWorld:
@@ -388,36 +552,81 @@ def load_world(data_dir) -> ToyWorld:
     return world_from_dict(json.loads(path.read_text()))
 
 
+def _records(world: ToyWorld) -> list[tuple[int, int]]:
+    """What `world_source` holds: (item, copy) per record. Exact variant: every distinct item once (copy 0; the
+    plan repeats it). Other variants: every appearance, since appearances differ (captions, pixels)."""
+    if world.variant == "exact":
+        return [(i, 0) for i in range(world.num_items)]
+    return world.appearances()
+
+
 def world_source(world: ToyWorld):
-    """The distinct items of `world` as a MapSource (keys world-<index>), for the prep code."""
+    """The world as a MapSource for the prep code. Exact variant: the distinct items, keys world-<index>
+    (copies become world-<index>#dup<copy> through `world_plan`). Other variants: every appearance, keys
+    world-<index>-<copy> as in `ToyWorld.sample`, so the shards hold what `ToyWorldDataset` yields."""
     from train.data.imagefolder import MapSource, RawRecord
+
+    records = _records(world)
+    exact = world.variant == "exact"
 
     class WorldSource(MapSource):
         source_name = "world"
 
         def __len__(self) -> int:
-            return world.num_duplicated + world.num_unique
+            return len(records)
 
         def key(self, i: int) -> str:
-            return f"world-{i:06d}"
+            index, copy = records[i]
+            return f"world-{index:06d}" if exact else ToyWorld.key(index, copy)
 
         def raw(self, i: int) -> RawRecord:
-            item = world.item(self._check_index(i))
-            return RawRecord(key=self.key(i), data=Image.fromarray(item["image"]), caption=item["caption"])
+            index, copy = records[self._check_index(i)]
+            shown = world.appearance(index, copy)
+            return RawRecord(key=self.key(i), data=Image.fromarray(shown["image"]), caption=shown["caption"],
+                             dup_group=world.dup_group(index))
 
     return WorldSource()
 
 
-def world_plan(world: ToyWorld):
-    """The duplication plan of `world`: items [0, num_duplicated) x repeats, the others once."""
-    from train.data.duplication import DuplicationPlan
+@dataclass(eq=False)
+class WorldPlan(DuplicationPlan):
+    """A DuplicationPlan whose duplicated items are its groups: with varied appearances every appearance is a
+    source record of its own, so counting distinct sources would count appearances."""
 
+    @property
+    def duplicated_sources(self) -> np.ndarray:
+        return np.unique(self.dup_group[self.dup_group >= 0])
+
+    def ground_truth(self, keys) -> dict[str, dict]:
+        """Per source key: {"dup_group", "appearances" (of its item, all copies), "duplicated"}."""
+        groups, counts = np.unique(self.dup_group[self.dup_group >= 0], return_counts=True)
+        per_group = dict(zip(groups.tolist(), counts.tolist()))
+        out = {}
+        for s, g in zip(self.source.tolist(), self.dup_group.tolist()):
+            out[keys[s]] = {"dup_group": int(g), "appearances": per_group.get(g, 1), "duplicated": g >= 0}
+        return out
+
+
+def world_plan(world: ToyWorld) -> WorldPlan:
+    """The duplication plan over `world_source(world)`. Exact variant: duplicated items [0, num_duplicated) x
+    repeats, unique items once, concepts x concept_copies. Other variants: every record once (it already is
+    one appearance). dup_group: the item index of duplicated items and concepts, -1 for unique items."""
     d, r, n = world.num_duplicated, world.repeats, world.num_unique
-    source = np.concatenate([np.repeat(np.arange(d), r), d + np.arange(n)]).astype(np.int64)
-    copy = np.concatenate([np.tile(np.arange(r), d), np.zeros(n)]).astype(np.int64)
-    group = np.where(source < d, source, -1).astype(np.int64)
-    return DuplicationPlan(source, copy, group, np.full(len(source), -1, np.int64), protocol="world",
-                           params={"num_duplicated": d, "repeats": r, "num_unique": n, "seed": world.seed})
+    params = {"num_duplicated": d, "repeats": r, "num_unique": n, "seed": world.seed, "variant": world.variant,
+              "num_concepts": world.num_concepts, "concept_repeats": world.concept_copies}
+    if world.variant == "exact":
+        concepts = np.asarray(world.concept_indices(), np.int64)
+        k = world.concept_copies
+        source = np.concatenate([np.repeat(np.arange(d), r), d + np.arange(n), np.repeat(concepts, k)]).astype(np.int64)
+        copy = np.concatenate([np.tile(np.arange(r), d), np.zeros(n), np.tile(np.arange(k), len(concepts))]
+                              ).astype(np.int64)
+        group = np.where((source < d) | (source >= d + n), source, -1).astype(np.int64)
+    else:
+        records = _records(world)
+        source = np.arange(len(records), dtype=np.int64)
+        copy = np.zeros(len(records), np.int64)
+        group = np.array([world.dup_group(i) for i, _ in records], np.int64)
+    return WorldPlan(source, copy, group, np.full(len(source), -1, np.int64), protocol="world", params=params)
 
 
 def prepare_world(world: ToyWorld, output_dir, *, shard_size: int = 500, seed: int = 0,
