@@ -13,6 +13,7 @@ the memorized samples stay under half of the population.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ class FilterPolicy:
 
     name = "base"
 
-    uses_groups = False   # True: _decide also takes the group (caption) id of every sample
+    uses_groups = False   # True: _decide also takes the item ids of every sample (see item_groups)
+    group_by: tuple = ("caption",)   # which item ids the loop computes for it
 
     def decide(self, magnitudes: torch.Tensor, timesteps: torch.Tensor | None = None,
                eligible: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -367,14 +369,181 @@ class CaptionHistory(FilterPolicy):
                         for i, row in zip(state["group_ids"].tolist(), state["group_state"].tolist())}
 
 
+@dataclass
+class ItemEvidence(FilterPolicy):
+    """Drops every sample of an item (a caption, an image) whose magnitudes stand significantly above the
+    population's at the same point of training. The default policy.
+
+    Memorization is a property of an item seen many times, not of one draw: one sample's m is noisy (its
+    noise and timestep), and it builds up over an item's appearances. So evidence is gathered per item and
+    compared with the population, never with the item's own past (a caption whose magnitudes drift with
+    the rest of the model is not memorized; one that stands out from the rest is):
+
+    1. population reference: per timestep bucket, the median and the robust spread (1.4826 MAD) of log m
+       over the last `window` judged samples, every item included, *before* this batch;
+    2. per sample at t >= `min_timestep` (where an item's unnamed detail shows in the noise prediction):
+       z = (log m - median_b) / spread_b, about N(0, 1) for an ordinary sample;
+    3. per item id (every group id of the sample: its caption hash, and its image hash when the loop
+       gives one): the decayed sum of z and the decayed count n of its appearances (each halves every
+       `half_life` decisions), so the evidence follows the model as it trains;
+    4. an item is flagged when its mean z is above `margin` with confidence: mean - z_crit / sqrt(n) >
+       margin (a one-sided test, false-positive rate about 0.13% per look at z_crit 3 for an item whose
+       true mean is at the margin); it stays flagged while its mean stays above `margin` (hysteresis);
+    5. a sample is dropped when any of its items is flagged. Dropped samples keep adding evidence, so a
+       flagged item is released when the model has let go of it.
+
+    An item seen once (a unique image with a unique caption) never gathers enough evidence: only items
+    that repeat can be flagged, and only those the model treats differently from the population. The
+    state is bounded: at most `capacity` items, least recently seen evicted first (an evicted item
+    starts again from no evidence); each tracked item costs 32 bytes in a checkpoint (id, sum, count,
+    last decision, flag) and about 250 bytes of Python objects in memory.
+
+    Args:
+        margin: mean z (in units of the per-sample spread) above which an item counts as standing out.
+            Default 0.5.
+        z_crit: confidence multiplier of the test. Default 3.0.
+        min_count: appearances (decayed) an item needs before it can be flagged. Default 8.
+        half_life: decisions (global micro-batches) after which old evidence weighs half. Default 50.
+        min_timestep: only samples at t >= min_timestep add evidence; the decision applies at every t.
+            Default 500.
+        num_buckets: equal timestep buckets of the population reference. Default 10.
+        num_train_timesteps: the noise scheduler's num_train_timesteps. Default 1000.
+        window: past magnitudes per bucket in the reference. Default 256.
+        warmup: magnitudes a bucket needs before its samples add evidence. Default 32.
+        capacity: items tracked at most. Default 100000.
+        group_by: the item ids of a sample: "caption" (its caption's hash) and "image" (a perceptual hash of
+            its pixels, so one image under many captions is one item). Default ("caption", "image").
+    """
+
+    margin: float = 0.5
+    z_crit: float = 3.0
+    min_count: float = 8.0
+    half_life: float = 50.0
+    min_timestep: int = 500
+    num_buckets: int = 10
+    num_train_timesteps: int = 1000
+    window: int = 256
+    warmup: int = 32
+    capacity: int = 100_000
+    group_by: tuple = ("caption", "image")
+    name = "item"
+    uses_groups = True
+
+    def __post_init__(self):
+        self.group_by = tuple(self.group_by)
+        item_groups(self.group_by, [], torch.zeros(0, 3, 8, 8))          # validate the kinds
+        self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
+        self._items: OrderedDict[int, list] = OrderedDict()   # id -> [sum z, count, last call, flagged], LRU order
+        self._calls = 0
+        self._decay = 0.5 ** (1.0 / self.half_life)
+
+    def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per bucket: median and robust spread of log m (NaN while the bucket warms up)."""
+        med = torch.full((self.num_buckets,), float("nan"))
+        spread = torch.full((self.num_buckets,), float("nan"))
+        for b, w in enumerate(self._wins):
+            if len(w) >= self.warmup:
+                med[b] = w.values.median()
+                spread[b] = MAD_TO_STD * (w.values - med[b]).abs().median()
+        return med, spread
+
+    def _update(self, gid: int, z: float | None) -> bool:
+        """Add one appearance (with evidence z, or none) to item `gid`; returns whether it is flagged."""
+        row = self._items.get(gid)
+        if row is None:
+            if z is None:
+                return False
+            row = self._items[gid] = [0.0, 0.0, self._calls, 0.0]
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)            # the least recently seen item
+        else:
+            self._items.move_to_end(gid)
+        f = self._decay ** (self._calls - row[2])
+        row[0], row[1], row[2] = row[0] * f, row[1] * f, self._calls
+        if z is not None:
+            row[0] += z
+            row[1] += 1.0
+        if row[1] > 0:
+            mean = row[0] / row[1]
+            if row[3]:
+                row[3] = float(mean > self.margin)
+            elif row[1] >= self.min_count:
+                row[3] = float(mean - self.z_crit / math.sqrt(row[1]) > self.margin)
+        return bool(row[3])
+
+    def _decide(self, m, t, g):
+        if t is None:
+            raise ValueError("the item policy needs the timesteps of the batch")
+        g = g.reshape(m.numel(), -1)                                      # [N, G] item ids, 0 = none
+        self._calls += 1
+        buckets = (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
+        logm = m.clamp_min(1e-12).log()
+        med, spread = self._reference()
+        z = (logm - med[buckets]) / spread[buckets].clamp_min(1e-6)
+        usable = (t >= self.min_timestep) & torch.isfinite(z)
+        keep = torch.ones_like(m, dtype=torch.bool)
+        zs, ok, ids = z.tolist(), usable.tolist(), g.tolist()
+        for i in range(m.numel()):                     # in batch order: the same on every rank
+            zi = zs[i] if ok[i] else None
+            flagged = [self._update(gid, zi) for gid in ids[i] if gid]
+            keep[i] = not any(flagged)
+        for b in buckets.unique().tolist():
+            self._wins[b].add(logm[buckets == b])
+        return keep
+
+    def thresholds(self):
+        if not self._items:
+            return {}
+        rows = torch.tensor(list(self._items.values()), dtype=torch.float64)
+        return {"items_tracked": float(rows.shape[0]), "items_flagged": float(rows[:, 3].sum())}
+
+    def state_dict(self):
+        ids = list(self._items)                         # LRU order: eviction resumes exactly
+        rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, 4)
+        return {"values": [w.values.clone() for w in self._wins], "item_ids": torch.tensor(ids, dtype=torch.long),
+                "item_state": rows, "calls": self._calls}
+
+    def load_state_dict(self, state):
+        _restore_windows(self._wins, state["values"])
+        self._items = OrderedDict((int(i), [float(x) for x in row])
+                                  for i, row in zip(state["item_ids"].tolist(), state["item_state"].tolist()))
+        self._calls = int(state["calls"])
+
+
 def caption_group(caption: str) -> int:
-    """The group id of a caption for `CaptionHistory`: 48 bits of its SHA-256 (exact in two float32 halves)."""
+    """The group id of a caption: 48 bits of its SHA-256 (exact in two float32 halves), never 0."""
     import hashlib
-    return int(hashlib.sha256(caption.strip().lower().encode()).hexdigest()[:12], 16)
+    return int(hashlib.sha256(caption.strip().lower().encode()).hexdigest()[:12], 16) or 1
+
+
+def image_groups(pixel_values: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """[B] int64 perceptual ids of images [B, 3, H, W]: the average hash (grey, `size` x `size` area means,
+    each bit = above the image's median), folded to 48 bits. An image shown again, also re-encoded or with
+    small shifts of colour and tint, gets the same id; a random crop or flip makes another.
+    """
+    import hashlib
+    grey = pixel_values.detach().float().mean(1, keepdim=True)                         # [B, 1, H, W]
+    small = torch.nn.functional.adaptive_avg_pool2d(grey, size).flatten(1)             # [B, size*size]
+    bits = (small > small.median(dim=1, keepdim=True).values).to(torch.uint8).cpu().numpy()
+    return torch.tensor([int(hashlib.sha256(row.tobytes()).hexdigest()[:12], 16) or 1 for row in bits],
+                        dtype=torch.long)
+
+
+def item_groups(group_by: tuple, captions: list[str], pixel_values: torch.Tensor) -> torch.Tensor:
+    """[B, len(group_by)] int64 item ids of a batch: "caption" (caption_group) and/or "image" (image_groups)."""
+    cols = []
+    for kind in group_by:
+        if kind == "caption":
+            cols.append(torch.tensor([caption_group(c) for c in captions], dtype=torch.long))
+        elif kind == "image":
+            cols.append(image_groups(pixel_values))
+        else:
+            raise ValueError(f"filter.group_by: {kind!r} is not an item kind; use caption and/or image")
+    return torch.stack(cols, dim=1)
 
 
 POLICIES = {cls.name: cls for cls in (NoFilter, FixedThreshold, BatchQuantile, RunningQuantile, TimestepBucketed,
-                                      CaptionHistory)}
+                                      CaptionHistory, ItemEvidence)}
 
 
 def build_policy(name: str, **kwargs) -> FilterPolicy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from filtering.policies import build_policy
+from filtering.protect import Protect
 from launch.config_check import ConfigError
 from train.data.duplication import DuplicatedDataset, make_plan
 from train.data.hf import HFSource
@@ -95,7 +96,17 @@ def _with_duplication(source, dup: dict):
 
 
 def build_filter(filter_cfg: DictConfig, num_train_timesteps: int):
-    kwargs = {k: v for k, v in OmegaConf.to_container(filter_cfg, resolve=True).items() if k != "name"}
-    if filter_cfg.name in ("timestep", "caption"):
+    """The filter policy of `filter` (every key but name and protect)."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(filter_cfg, resolve=True).items()
+              if k not in ("name", "protect")}
+    if filter_cfg.name in ("timestep", "caption", "item"):
         kwargs["num_train_timesteps"] = num_train_timesteps
     return build_policy(filter_cfg.name, **kwargs)
+
+
+def build_protect(filter_cfg: DictConfig) -> Protect:
+    """The samples the filter exempts (filter.protect)."""
+    try:
+        return Protect(**OmegaConf.to_container(filter_cfg.get("protect") or {}, resolve=True))
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from e

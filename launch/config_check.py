@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 
-from omegaconf import DictConfig
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -99,6 +101,18 @@ _FILTER_RULES = {
         ("num_buckets", lambda v: is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
         ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1")],
+    "item": [
+        ("margin", lambda v: _is_num(v) and v >= 0, "a number >= 0, e.g. filter.margin=0.5"),
+        ("z_crit", lambda v: _is_num(v) and v >= 0, "a number >= 0, e.g. filter.z_crit=3"),
+        ("min_count", lambda v: _is_num(v) and v >= 1, "a number >= 1, e.g. filter.min_count=8"),
+        ("half_life", lambda v: _is_num(v) and v > 0, "a number > 0 (decisions), e.g. filter.half_life=50"),
+        ("min_timestep", lambda v: is_int(v) and v >= 0, "an integer >= 0, e.g. filter.min_timestep=500"),
+        ("num_buckets", lambda v: is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
+        ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        ("capacity", lambda v: is_int(v) and v >= 1, "an integer >= 1, e.g. filter.capacity=100000"),
+        ("group_by", lambda v: isinstance(v, (list, ListConfig)) and len(v) >= 1 and set(v) <= {"caption", "image"},
+         "a non-empty list of caption and/or image, e.g. filter.group_by=[caption,image]")],
     "none": [],
 }
 
@@ -117,7 +131,15 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if cfg.use_ema and cfg.model.lora.rank:
         raise ConfigError("use_ema=true with model.lora.rank>0: EMA of LoRA adapters is not supported; "
                           "set use_ema=false or model.lora.rank=0")
-    if name in ("running_quantile", "timestep", "caption") and cfg.filter.warmup > cfg.filter.window:
+    protect = cfg.filter.get("protect") or {}
+    check_value(cfg, "filter.protect.captions", lambda v: isinstance(v, (list, ListConfig)) and
+                all(isinstance(x, str) for x in v), "a list of regular expressions, e.g. "
+                "'filter.protect.captions=[\"zorvik\"]'")
+    check_value(cfg, "filter.protect.keys", lambda v: isinstance(v, (list, ListConfig)), "a list of sample keys")
+    if protect.get("keep_list") and not Path(str(protect["keep_list"])).is_file():
+        raise ConfigError(f"filter.protect.keep_list={protect['keep_list']!r}: no such file; give a text file "
+                          "with one key per line or a Parquet file with a `key` column")
+    if name in ("running_quantile", "timestep", "caption", "item") and cfg.filter.warmup > cfg.filter.window:
         raise ConfigError(f"filter.warmup={cfg.filter.warmup} > filter.window={cfg.filter.window}: the filter would "
                           "never start; lower filter.warmup or raise filter.window")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("offline", "online", "disabled"):

@@ -28,7 +28,7 @@ def run(cfg: DictConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
 
-    from launch.builders import build_components, build_dataset, build_filter, native_resolution
+    from launch.builders import build_components, build_dataset, build_filter, build_protect, native_resolution
     from train.loop import OptimArgs, TrainArgs, train
     from train.tracking import NullTracker, WandbTracker
 
@@ -60,6 +60,7 @@ def run(cfg: DictConfig) -> dict:
     accelerator.wait_for_everyone()
 
     policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
+    protect = build_protect(cfg.filter)
     names = {f.name for f in dataclasses.fields(TrainArgs)}
     args = TrainArgs(**{k: v for k, v in resolved.items() if k in names}, lora_rank=cfg.model.lora.rank)
     optim = OptimArgs(**resolved["optim"])
@@ -70,7 +71,8 @@ def run(cfg: DictConfig) -> dict:
     log.info("run directory: %s (%d process(es), %s, filter=%s)", run_dir, accelerator.num_processes,
              accelerator.device, policy.name)
     try:
-        summary = train(accelerator, components, dataset, policy, args, optim, tracker, config=resolved)
+        summary = train(accelerator, components, dataset, policy, args, optim, tracker, config=resolved,
+                        protect=protect)
     finally:
         tracker.finish()
     if accelerator.is_main_process:

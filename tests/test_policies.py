@@ -455,3 +455,115 @@ def test_caption_policy_counts_only_high_noise_evidence_but_drops_at_every_times
     assert keep.tolist() == [False, False, True, True]
     keep = p.decide(torch.ones(4), low, groups=gr)                   # ... and dropped at low noise too
     assert keep.tolist() == [False, False, True, True]
+
+
+# --------------------------------------------------------------------------- item evidence (the default)
+
+def _item_stream(seed: int, steps: int = 80, rise_from: int = 20):
+    """24 repeated captions (group ids 1..24) and a unique image id per sample; captions 1..3 start to
+    stand out (x1.5, log 0.41 = 1.6 spreads) at `rise_from`, the rest follow a common drift of the model."""
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        cap = torch.randint(1, 25, (64,), generator=g)
+        t = torch.randint(0, 1000, (64,), generator=g)
+        drift = 1.0 + 0.01 * step                                    # the whole population moves
+        m = drift * (1.0 + t.float() / 1000) * torch.exp(0.25 * torch.randn(64, generator=g))
+        m = torch.where((cap <= 3) & (step >= rise_from), 1.5 * m, m)
+        image = 10_000 + step * 64 + torch.arange(64)
+        yield m, t, torch.stack([cap, image], dim=1)
+
+
+def _item_policy(**kw):
+    from filtering.policies import ItemEvidence
+    return ItemEvidence(**{"num_buckets": 4, "window": 256, "warmup": 16, **kw})
+
+
+def test_item_policy_drops_items_that_stand_out_from_the_population_and_spares_the_drifting_rest():
+    p = _item_policy()
+    kept = [(gr[:, 0], p.decide(m, t, groups=gr)) for m, t, gr in _item_stream(0)]
+    first = min(s for s, (cap, k) in enumerate(kept) if not k[cap <= 3].all())
+    assert 20 < first <= 45                                          # after the rise began, not before
+    late = torch.cat([k[cap <= 3] for cap, k in kept[60:]])
+    assert late.float().mean() < 0.1                                 # then (nearly) every appearance
+    others = torch.cat([k[cap > 3] for cap, k in kept])
+    assert others.float().mean() > 0.99                              # a common drift flags nothing
+    assert p.thresholds()["items_flagged"] >= 3
+    with pytest.raises(ValueError, match="group"):
+        p.decide(torch.ones(4), torch.zeros(4, dtype=torch.long))
+
+
+def test_item_policy_never_flags_an_item_seen_once_however_large_its_magnitude():
+    p = _item_policy(min_count=2)
+    p.decide(torch.ones(64), torch.full((64,), 900), groups=torch.arange(1, 65))     # warm-up
+    for i in range(20):
+        ids = 1000 + 8 * i + torch.arange(8)
+        assert p.decide(torch.full((8,), 1e4), torch.full((8,), 900), groups=ids).all()
+
+
+def test_item_policy_flags_an_image_shown_under_many_captions():
+    """Image-only duplication: every appearance has a caption of its own, the image id is shared."""
+    p = _item_policy()
+    g = torch.Generator().manual_seed(1)
+    dropped = []
+    for step in range(60):
+        t = torch.randint(0, 1000, (32,), generator=g)
+        m = (1.0 + t.float() / 1000) * torch.exp(0.25 * torch.randn(32, generator=g))
+        image = torch.randint(1, 1000, (32,), generator=g) + 100 * step   # mostly new images
+        image[:4] = 7                                                     # one image, 4 times per step
+        m[:4] *= 1.6
+        captions = 10 ** 6 + step * 32 + torch.arange(32)                 # every caption new
+        keep = p.decide(m, t, groups=torch.stack([captions, image], 1))
+        dropped.append(~keep[:4])
+    assert torch.stack(dropped[40:]).all()
+
+
+def test_item_policy_restored_mid_stream_decides_as_the_uninterrupted_one():
+    stream = list(_item_stream(3))
+    a, b = _item_policy(capacity=500), _item_policy(capacity=500)    # small: eviction happens mid-stream
+    for m, t, gr in stream[:30]:
+        a.decide(m, t, groups=gr)
+        b.decide(m, t, groups=gr)
+    restored = _item_policy(capacity=500)
+    restored.load_state_dict(copy.deepcopy(b.state_dict()))
+    dropped = 0
+    for m, t, gr in stream[30:]:
+        ka, kr = a.decide(m, t, groups=gr), restored.decide(m, t, groups=gr)
+        assert torch.equal(ka, kr)
+        dropped += int((~ka).sum())
+    assert dropped > 0
+    assert repr(restored.state_dict()) == repr(a.state_dict())
+
+
+def test_item_policy_state_stays_bounded_on_a_million_distinct_captions():
+    capacity = 50_000
+    p = _item_policy(capacity=capacity, min_timestep=0)
+    g = torch.Generator().manual_seed(0)
+    n, batch = 1_000_000, 8192
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
+        ids = torch.arange(start, start + size) * 2 + 1                      # a million distinct captions
+        p.decide(torch.exp(0.25 * torch.randn(size, generator=g)), torch.randint(0, 1000, (size,), generator=g),
+                 groups=ids)
+    state = p.state_dict()
+    assert len(p._items) == capacity == state["item_ids"].numel()
+    item_bytes = state["item_ids"].numel() * 8 + state["item_state"].numel() * state["item_state"].element_size()
+    assert item_bytes <= capacity * 40                                       # 8 (id) + 4 x 8 per tracked item
+    assert int(state["item_ids"][-1]) == 2 * (n - 1) + 1                      # the newest stay, the oldest left
+
+
+def test_item_groups_caption_and_image_ids_survive_the_float_gather():
+    from filtering.policies import image_groups, item_groups
+
+    g = torch.Generator().manual_seed(0)
+    blocks = lambda: torch.rand(1, 3, 4, 4, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)  # noqa: E731
+    a = blocks() * 2 - 1
+    near = a * 0.9 + torch.tensor([0.03, -0.02, 0.05]).view(1, 3, 1, 1)    # a little less contrast, shifted colour
+    other = blocks() * 2 - 1
+    ids = image_groups(torch.cat([a, a, near, other]))
+    assert ids[0] == ids[1] == ids[2] != ids[3] and bool((ids > 0).all() & (ids < 2 ** 48).all())
+    groups = item_groups(("caption", "image"), ["a red circle", "A red circle", "x", "y"], torch.cat([a, a, near, other]))
+    assert groups.shape == (4, 2) and groups[0, 0] == groups[1, 0] != groups[2, 0]
+    halves = torch.cat([(groups >> 24).float(), (groups & 0xFFFFFF).float()], 1)   # as train.step gathers them
+    assert torch.equal((halves[:, :2].long() << 24) | halves[:, 2:].long(), groups)
+    with pytest.raises(ValueError, match="group_by"):
+        item_groups(("text",), ["a"], a)

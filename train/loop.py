@@ -35,7 +35,8 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from filtering.policies import FilterPolicy, caption_group
+from filtering.policies import FilterPolicy, item_groups
+from filtering.protect import Protect
 from filtering.records import RecordWriter
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data.collate import CollateForTraining
@@ -238,7 +239,8 @@ class _RankStates:
 
 
 def train(accelerator, components: Components, dataset, policy: FilterPolicy, args: TrainArgs,
-          optim: OptimArgs = OptimArgs(), tracker=None, config: dict | None = None) -> dict:
+          optim: OptimArgs = OptimArgs(), tracker=None, config: dict | None = None,
+          protect: Protect | None = None) -> dict:
     """Fine-tune `components.unet` on `dataset` with `policy` filtering every step.
 
     Args:
@@ -251,6 +253,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         args: loop settings. optim: optimizer and schedule settings.
         tracker: WandbTracker on the main process, NullTracker (default) elsewhere.
         config: the resolved config, copied into checkpoints and the run directory.
+        protect: samples the policy never judges (intended memorization); default none.
     Returns:
         The run summary (also written to <output_dir>/train_summary.json).
     """
@@ -417,18 +420,22 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                 ids = batch["input_ids"].to(dev)
                 dropped = torch.rand(ids.shape[0], generator=gen, device=dev) < args.proportion_empty_prompts
                 ids = torch.where(dropped[:, None], uncond_ids, ids)
+                judged = ~dropped
+                if protect and b:         # intended memorization: kept, and out of the policy's statistics
+                    judged[:b] &= ~protect.mask(batch["keys"], batch["captions"]).to(dev)
                 embeds = c.text_encoder(ids)[0]
             sync = accelerator.no_sync(unet) if micro < args.gradient_accumulation_steps - 1 \
                 else contextlib.nullcontext()
             with sync:
                 out = filtered_diffusion_step(
                     unet, c.noise_scheduler, latents, embeds, uncond_embeds, policy, gen,
-                    eligible=~dropped, is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=raw_unet,
+                    eligible=judged, is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=raw_unet,
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=accelerator.gather,
                     rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m, valid=valid,
                     pad_to=args.train_batch_size,
-                    groups=torch.tensor([caption_group(c) for c in batch["captions"]] or [0], dtype=torch.long)
-                    if policy.uses_groups else None)      # hash captions only for a policy that reads them
+                    groups=(item_groups(policy.group_by, batch["captions"], batch["pixel_values"]) if b else
+                            torch.zeros(1, len(policy.group_by), dtype=torch.long))
+                    if policy.uses_groups else None)      # hash only for a policy that reads item ids
                 # x world: DDP averages gradients over ranks, we want their sum (divided by kept_total below)
                 accelerator.backward(out.loss_sum * world)
             kept_total += out.kept_global

@@ -86,8 +86,8 @@ def filtered_diffusion_step(
         valid: [B] bool, False for filler rows (a rank whose batch lost every sample to bad input runs one
             filler so that it still joins the all-reduce); never kept, never judged. Default all True.
         pad_to: the full per-rank batch size; smaller batches are padded in the gather. Default B.
-        groups: [B] int64 caption group ids (filtering.policies.caption_group, < 2**48) for policies that
-            gather evidence per caption; gathered with the rest. Default all 0.
+        groups: [B] or [B, G] int64 item ids (filtering.policies.item_groups: caption and image hashes,
+            < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
     """
     b = latents.shape[0]
     dev = latents.device
@@ -121,16 +121,17 @@ def filtered_diffusion_step(
     valid = torch.ones(b, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
     # One collective for everything the decision and the logs need. Ranks may hold fewer than pad_to
     # samples (bad ones were skipped), so rows are padded to pad_to and marked invalid: [W*pad_to, 6]
-    gid = torch.zeros(b, dtype=torch.long, device=dev) if groups is None else groups.to(dev).long()
-    # the 48-bit group id travels as two exact 24-bit halves in the float32 gather
-    local = torch.stack([m, timesteps.float(), eligible.float(), is_duplicate.float(), per_sample.detach(),
-                         valid.float(), (gid >> 24).float(), (gid & 0xFFFFFF).float()], dim=1)
+    gid = torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None else groups.to(dev).long().reshape(b, -1)
+    # each 48-bit group id travels as two exact 24-bit halves in the float32 gather: [B, 6 + 2G]
+    local = torch.cat([torch.stack([m, timesteps.float(), eligible.float(), is_duplicate.float(), per_sample.detach(),
+                                    valid.float()], dim=1), (gid >> 24).float(), (gid & 0xFFFFFF).float()], dim=1)
     width = max(b, pad_to or b)
     local = torch.cat([local, local.new_zeros(width - b, local.shape[1])])
     g = gather(local)
     g_valid = g[:, 5].bool()
     g[~g_valid, 0] = 0.0                                   # NaN-free padding (m is NaN when not measured)
-    g_groups = (g[:, 6].long() << 24) | g[:, 7].long()
+    n_groups = gid.shape[1]
+    g_groups = (g[:, 6:6 + n_groups].long() << 24) | g[:, 6 + n_groups:].long()          # [N, G]
     keep_global = policy.decide(g[:, 0], g[:, 1].long(), g[:, 2].bool() & g_valid, groups=g_groups) & g_valid
     # (the same decision on every rank)
     g = g[:, :5]
