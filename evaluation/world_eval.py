@@ -105,12 +105,15 @@ def filter_decisions(records_dir: str | Path, world: ToyWorld, num_phases: int =
     from filtering.records import read_records
 
     t = read_records(records_dir).to_pandas()
-    dup = ToyWorld.item_of_keys(t["key"]) < world.num_duplicated
+    items = ToyWorld.item_of_keys(t["key"])
+    dup = items < world.num_duplicated
+    concept = items >= world.num_duplicated + world.num_unique
     judged = (t["magnitude"] > 0).to_numpy()
     dropped = ~t["kept"].to_numpy()
     step = t["step"].to_numpy()
 
     def pr(sel):
+        sel = sel & ~concept                     # intended memorization: reported on its own below
         d, j, x = dup[sel], judged[sel], dropped[sel]
         n_drop = int((x & j).sum())
         return {"dropped": n_drop, "dropped_duplicated": int((x & j & d).sum()),
@@ -120,6 +123,8 @@ def filter_decisions(records_dir: str | Path, world: ToyWorld, num_phases: int =
                 "unique_dropped_fraction": float((x & j & ~d).sum() / max(1, (j & ~d).sum()))}
 
     out = {"overall": pr(np.ones(len(t), bool)), "phases": []}
+    if concept.any():
+        out["concept_dropped_fraction"] = float(dropped[concept].mean())
     edges = np.linspace(0, step.max(), num_phases + 1) if len(step) else np.zeros(1)
     for a, b in zip(edges[:-1], edges[1:]):
         sel = (step > a) & (step <= b)
@@ -160,13 +165,16 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
                scores_duplicated=scores[:len(dup_prompts)].tolist(), scores_unique=scores[len(dup_prompts):].tolist())
     det.pop("roc", None)
 
+    concepts = world.concept_indices()
     rows = []
     for set_name, items, prompts, n in (("duplicated", list(range(world.num_duplicated)), dup_prompts,
                                          settings.num_images_per_prompt),
-                                        ("unique", uniq_items, uniq_prompts, settings.unique_images)):
-        gens = _generate(pipe, prompts, n, settings, res)
+                                        ("unique", uniq_items, uniq_prompts, settings.unique_images),
+                                        ("concept", concepts, [world.item(i)["caption"] for i in concepts],
+                                         settings.num_images_per_prompt)):
+        gens = _generate(pipe, prompts, n, settings, res) if prompts else []
         for item, prompt, images in zip(items, prompts, gens):
-            attrs = parse_caption(prompt)
+            attrs = parse_caption(prompt) or world.item(item)["attrs"]     # a concept intends its own item
             item_image = Image.fromarray(world.item(item)["image"])
             for j, im in enumerate(images):
                 rows.append({"set": set_name, "item": item, "prompt": prompt, "image_index": j, "image": im,
@@ -197,7 +205,7 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
         return {k: float(np.mean([r[f"fid_{k}"] for r in sel])) for k in (*named_attributes(spec), "all")} \
             if sel else {}
 
-    by = {s: [r for r in rows if r["set"] == s] for s in ("duplicated", "unique")}
+    by = {s: [r for r in rows if r["set"] == s] for s in ("duplicated", "unique", "concept")}
     out = {"detection": det, "replication": {"bar": bar, **{s: summary(v) for s, v in by.items()}},
            "fidelity": {s: fid(v) for s, v in by.items()}, "rows": rows,
            "settings": asdict(settings), "descriptor": "world detail (block tints of the background and "

@@ -27,21 +27,30 @@ def _pct(v) -> str:
 
 
 def targets(results: dict, unfiltered: str, filtered: str) -> list[dict]:
-    """The demo's targets (issue 5) checked on the numbers."""
+    """The filter's targets (issue 9) checked on the numbers of one world: replication of duplicated prompts at
+    most 2x the base model's or 20x below unfiltered, at most 5% of unique samples dropped, prompt fidelity
+    within 5 points of unfiltered; and the world's own sanity checks (the unfiltered run memorizes, detection
+    sees it)."""
     u, f = results[unfiltered], results[filtered]
     ru = u["replication"]["duplicated"]["replicated_fraction"]
     rf = f["replication"]["duplicated"]["replicated_fraction"]
+    base = results.get("base", {}).get("replication", {}).get("duplicated", {}).get("replicated_fraction")
     fu, ff = u["fidelity"]["duplicated"]["all"], f["fidelity"]["duplicated"]["all"]
     ratio = ru / rf if rf > 0 else float("inf")
+    unique_dropped = (f.get("filter") or {}).get("overall", {}).get("unique_dropped_fraction")
+    rep_ok = ratio >= 20 or (base is not None and rf <= 2 * base)
     return [
         {"target": f"{unfiltered} replicates most generations of duplicated items", "value": _pct(ru),
          "met": ru > 0.5},
         {"target": f"step-1 detection AUC >= 0.95 ({unfiltered}, duplicated vs unique captions)",
          "value": _f(u["detection"]["auc"]), "met": u["detection"]["auc"] >= 0.95},
-        {"target": f"{filtered} replicates duplicated items at least 5x less often",
-         "value": f"{_pct(ru)} -> {_pct(rf)} ({'inf' if rf == 0 else f'{ratio:.1f}'}x)", "met": ratio >= 5},
-        {"target": f"prompt fidelity of {filtered} within 10% of {unfiltered} (duplicated prompts)",
-         "value": f"{_pct(fu)} vs {_pct(ff)}", "met": ff >= 0.9 * fu},
+        {"target": f"{filtered} replicates duplicated prompts at most 2x the base model or 20x less than {unfiltered}",
+         "value": f"base {_pct(base)}; {_pct(ru)} -> {_pct(rf)} ({'inf' if rf == 0 else f'{ratio:.1f}'}x)",
+         "met": rep_ok},
+        {"target": f"{filtered} drops at most 5% of unique samples", "value": _pct(unique_dropped),
+         "met": unique_dropped is not None and unique_dropped <= 0.05},
+        {"target": f"prompt fidelity of {filtered} within 5 points of {unfiltered} (duplicated prompts)",
+         "value": f"{_pct(fu)} vs {_pct(ff)}", "met": ff >= fu - 0.05},
     ]
 
 
@@ -211,8 +220,8 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
                   f"mean similarity | fidelity (all {len(named)} named) | " + " | ".join(named) + " |",
               "| --- " * (7 + len(named)) + "|"]
     for n in names:
-        for s in ("duplicated", "unique"):
-            r, f = results[n]["replication"][s], results[n]["fidelity"][s]
+        for s in ("duplicated", "unique", "concept"):
+            r, f = results[n]["replication"].get(s), results[n]["fidelity"].get(s)
             if not r:
                 continue
             lines.append(f"| {n} | {s} | {r['generations']} | {_pct(r['replicated_fraction'])} | "
@@ -242,5 +251,75 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
     if timings:
         lines += ["## Time", "", "| stage | seconds |", "| --- | --- |"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
+
+
+# --- several seeds --------------------------------------------------------------------------------
+
+SEED_METRICS = (      # (label, getter on (result, run summary)): what the seeds report aggregates
+    ("dup. prompts replicated", lambda r, s: r["replication"]["duplicated"]["replicated_fraction"]),
+    ("dup. items replicated", lambda r, s: r["replication"]["duplicated"]["items_replicated"]),
+    ("dup. fidelity", lambda r, s: r["fidelity"]["duplicated"]["all"]),
+    ("unique fidelity", lambda r, s: r["fidelity"]["unique"]["all"]),
+    ("step-1 AUC", lambda r, s: r["detection"]["auc"]),
+    ("dup. samples dropped", lambda r, s: None if s.get("dup_kept_fraction") is None else 1 - s["dup_kept_fraction"]),
+    ("unique samples dropped", lambda r, s: (r.get("filter") or {}).get("overall", {}).get("unique_dropped_fraction")),
+    ("concepts reproduced", lambda r, s: (r["replication"].get("concept") or {}).get("replicated_own_fraction")),
+    ("concept samples dropped", lambda r, s: (r.get("filter") or {}).get("concept_dropped_fraction")),
+)
+
+
+def seed_table(per_seed: dict) -> dict:
+    """run -> metric -> {"values": per seed, "mean", "std", "min", "max"} (None where a run lacks a metric)."""
+    out: dict = {}
+    for seed, res in per_seed.items():
+        for run, r in res["results"].items():
+            s = res["runs"].get(run, {}).get("summary") or {}
+            for label, get in SEED_METRICS:
+                out.setdefault(run, {}).setdefault(label, {"values": {}})["values"][seed] = get(r, s)
+    for metrics in out.values():
+        for m in metrics.values():
+            v = np.array([x for x in m["values"].values() if x is not None], dtype=float)
+            m.update(mean=float(v.mean()) if v.size else None, std=float(v.std()) if v.size else None,
+                     min=float(v.min()) if v.size else None, max=float(v.max()) if v.size else None)
+    return out
+
+
+def _spread(m: dict, label: str) -> str:
+    if m["mean"] is None:
+        return "-"
+    if label.startswith("dup. items") or label.startswith("step-1"):
+        return f"{m['mean']:.2f} ± {m['std']:.2f} ({m['min']:.2f}-{m['max']:.2f})"
+    return f"{100 * m['mean']:.1f}% ± {100 * m['std']:.1f} ({100 * m['min']:.1f}-{100 * m['max']:.1f})"
+
+
+def write_seeds_report(per_seed: dict, out_dir: str | Path, *, unfiltered: str, filtered: str) -> Path:
+    """report.md and report.json across seeds: per run, mean ± std (min-max) of every SEED_METRICS entry, and
+    the targets of every seed; each seed's own report stays in seed-<S>/report.md."""
+    out = Path(out_dir)
+    table = seed_table(per_seed)
+    checks = {s: targets(r["results"], unfiltered, filtered) for s, r in per_seed.items()}
+    seeds = list(per_seed)
+    world = next(iter(per_seed.values()))["world"]
+    (out / "report.json").write_text(json.dumps({"seeds": seeds, "world": world, "table": table,
+                                                 "targets": {str(k): v for k, v in checks.items()}},
+                                                indent=1, default=float))
+    labels = [lab for lab, _ in SEED_METRICS if any(table[r][lab]["mean"] is not None for r in table)]
+    lines = [f"# memfilter toy-world demo over {len(seeds)} seeds", "",
+             f"Seeds {', '.join(map(str, seeds))} (each: world seed = training seed = evaluation seed). World: "
+             f"{world['num_duplicated']} duplicated items x {world['repeats']}, {world['num_unique']} unique, "
+             f"{world.get('num_concepts', 0)} named concepts, variant {world.get('variant', 'exact')}. "
+             "Cells: mean ± std (min-max) across seeds.", "",
+             "| run | " + " | ".join(labels) + " |", "| --- " * (len(labels) + 1) + "|"]
+    for run, metrics in table.items():
+        lines.append(f"| {run} | " + " | ".join(_spread(metrics[lab], lab) for lab in labels) + " |")
+    names = [c["target"] for c in next(iter(checks.values()))]
+    lines += ["", "## Targets on every seed", "", "| target | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "| --- " * (len(seeds) + 1) + "|"]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(
+            f"{'yes' if checks[s][i]['met'] else 'NO'}: {checks[s][i]['value']}" for s in seeds) + " |")
+    lines += ["", "## Per seed", ""] + [f"- [seed {s}](seed-{s}/report.md)" for s in seeds]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

@@ -425,7 +425,8 @@ class ItemEvidence(FilterPolicy):
     window: int = 256
     warmup: int = 32
     capacity: int = 100_000
-    group_by: tuple = ("caption", "image")
+    rare_count: float = 1.0
+    group_by: tuple = ("image",)
     name = "item"
     uses_groups = True
 
@@ -446,6 +447,11 @@ class ItemEvidence(FilterPolicy):
                 med[b] = w.values.median()
                 spread[b] = MAD_TO_STD * (w.values - med[b]).abs().median()
         return med, spread
+
+    def _seen(self, gid: int) -> float:
+        """Decayed count of item `gid`'s appearances so far (0 for an item not tracked)."""
+        row = self._items.get(gid)
+        return 0.0 if row is None else row[1] * self._decay ** (self._calls - row[2])
 
     def _update(self, gid: int, z: float | None) -> bool:
         """Add one appearance (with evidence z, or none) to item `gid`; returns whether it is flagged."""
@@ -482,13 +488,15 @@ class ItemEvidence(FilterPolicy):
         z = (logm - med[buckets]) / spread[buckets].clamp_min(1e-6)
         usable = (t >= self.min_timestep) & torch.isfinite(z)
         keep = torch.ones_like(m, dtype=torch.bool)
+        rare = torch.zeros_like(m, dtype=torch.bool)
         zs, ok, ids = z.tolist(), usable.tolist(), g.tolist()
         for i in range(m.numel()):                     # in batch order: the same on every rank
+            rare[i] = self._seen(ids[i][0]) < self.rare_count
             zi = zs[i] if ok[i] else None
             flagged = [self._update(gid, zi) for gid in ids[i] if gid]
             keep[i] = not any(flagged)
-        for b in buckets.unique().tolist():
-            self._wins[b].add(logm[buckets == b])
+        for b in buckets.unique().tolist():            # the reference: items the model has rarely seen lately
+            self._wins[b].add(logm[(buckets == b) & rare])
         return keep
 
     def thresholds(self):

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
 from launch.config_check import ConfigError, check_train_config, check_value, is_int, run_or_exit  # noqa: E402
 
@@ -66,106 +66,164 @@ def _train_config(overrides: list[str]) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Build the world, fine-tune each run, evaluate, report. Returns the report's results."""
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    from evaluation.generate import load_pipeline
-    from evaluation.world_eval import WorldEvalSettings, evaluate_world, replication_bar, training_descriptors
-    from evaluation.world_report import targets, write_report
-    from launch import train as train_app
-    from launch.builders import resolve_pretrained
-    from train.data.world import ToyWorld, prepare_world, shard_urls, world_to_dict
+    """The demo once (`seed`, `world.seed`), or once per seed of `seeds` (each in <output_dir>/seed-<S>, with
+    seed = world.seed = S) and a report of mean and spread across them. Returns the results."""
+    from evaluation.world_report import write_seeds_report
 
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)
     if not cfg.runs or len(cfg.runs) < 2:
         raise ConfigError("runs: needs at least two runs (name: 'train overrides') to compare, e.g. the default "
-                          "runs.unfiltered='filter=none' and runs.filtered='filter=timestep'")
-    console = Console()
+                          "runs.unfiltered='filter=none' and runs.filtered='filter=item'")
+    if cfg.seeds is not None and (not isinstance(cfg.seeds, (list, ListConfig)) or not cfg.seeds
+                                  or not all(is_int(s) for s in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds)):
+        raise ConfigError(f"seeds={cfg.seeds!r} is invalid: must be null or a list of distinct integers, "
+                          "e.g. 'seeds=[0,1,2]'")
+    for b in cfg.baselines or []:
+        if b not in ("exact", "near"):
+            raise ConfigError(f"baselines: {b!r} is not a deduplication baseline; use exact and/or near")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "demo_config.yaml", resolve=True)
-    timings, t0 = {}, time.time()
-    settings = WorldEvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True), seed=cfg.seed)
+    if cfg.seeds is None:
+        return _run_seed(cfg, int(cfg.seed), int(cfg.world.seed), out)["results"]
+    per_seed = {int(s): _run_seed(cfg, int(s), int(s), out / f"seed-{s}") for s in cfg.seeds}
     names = list(cfg.runs)
-    train_common = _overrides(cfg.train)
-    # every run's config is composed and checked before the first one starts
-    configs = {}
-    world = ToyWorld(num_unique=cfg.world.num_unique, num_duplicated=cfg.world.num_duplicated,
-                     repeats=cfg.world.repeats, seed=cfg.world.seed)
-    data_dir = out / "world"
+    path = write_seeds_report(per_seed, out, unfiltered=names[0], filtered=names[1])
+    _print_seeds(path)
+    return {s: r["results"] for s, r in per_seed.items()}
 
-    console.rule(f"[bold]1/4 the world[/] -> {data_dir}")
-    if not (cfg.reuse_runs and (data_dir / "world.json").is_file()):
-        prepare_world(world, data_dir, shard_size=cfg.world.shard_size, seed=cfg.seed, overwrite=True)
-    urls = shard_urls(data_dir)
+
+def _world(cfg: DictConfig, seed: int):
+    from train.data.world import ToyWorld
+
+    w = cfg.world
+    return ToyWorld(num_unique=w.num_unique, num_duplicated=w.num_duplicated, repeats=w.repeats, seed=seed,
+                    variant=w.variant, num_concepts=w.num_concepts, concept_repeats=w.concept_repeats)
+
+
+def _run_seed(cfg: DictConfig, seed: int, world_seed: int, out: Path) -> dict:
+    """World, fine-tunes, evaluation and report of one seed in `out`."""
+    from rich.console import Console
+
+    from evaluation.world_report import write_report
+    from train.data.world import prepare_world, shard_urls, world_to_dict
+
+    console = Console()
+    out.mkdir(parents=True, exist_ok=True)
+    timings, t0 = {}, time.time()
+    world = _world(cfg, world_seed)
+    data = {"": out / "world", **{f"dedup-{b}": out / f"world-dedup-{b}" for b in cfg.baselines or []}}
+    console.rule(f"[bold]1/4 the world (seed {world_seed})[/] -> {data['']}")
+    for name, data_dir in data.items():           # the world, and its deduplicated copies (the baselines)
+        if not (cfg.reuse_runs and (data_dir / "world.json").is_file()):
+            prepare_world(world, data_dir, shard_size=cfg.world.shard_size, seed=seed, overwrite=True,
+                          dedup=name[len("dedup-"):] if name else "none")
     timings["world"] = time.time() - t0
-    for name in names:
+    train_common = _overrides(cfg.train)
+    runs_cfg = {**{n: _overrides(cfg.runs[n]) for n in cfg.runs},
+                **{n: ["filter=none"] for n in data if n}}
+    configs = {}                      # every run's config is composed and checked before the first one starts
+    for name, run_overrides in runs_cfg.items():
+        urls = shard_urls(data[name] if name in data and name else data[""])
         overrides = [*train_common, "data=webdataset", f"data.shards='{urls}'", f"output_dir='{out / name}'",
-                     f"seed={cfg.seed}", *_overrides(cfg.runs[name])]
+                     f"seed={seed}", *run_overrides]
         configs[name] = (overrides, _train_config(overrides))
-        check_train_config(configs[name][1], torch.cuda.is_available())
+        check_train_config(configs[name][1], _cuda())
+    runs = {name: _fine_tune(cfg, console, out, name, k, configs, runs_cfg, timings)
+            for k, name in enumerate(configs)}
+    results, records = _evaluate(cfg, console, out, world, seed, configs, timings)
+    console.rule("[bold]4/4 report[/]")
+    timings["total"] = time.time() - t0
+    names = list(cfg.runs)
+    path = write_report(results, out, world=world_to_dict(world), runs=runs, unfiltered=names[0],
+                        filtered=names[1], records=records, timings=timings)
+    _print_seed(console, results, runs, names, path, timings)
+    return {"results": results, "runs": runs, "world": world_to_dict(world)}
 
-    runs = {}
-    for k, name in enumerate(names):
-        overrides, tcfg = configs[name]
-        done = out / name / "train_summary.json"
-        if cfg.reuse_runs and done.is_file() and (out / name / "pipeline" / "model_index.json").is_file():
-            console.rule(f"[bold]2/4 fine-tune {k + 1}/{len(names)}: {name}[/] (reused: reuse_runs=true)")
-            runs[name] = {"overrides": _overrides(cfg.runs[name]), "summary": json.loads(done.read_text()),
-                          "run_dir": str(out / name)}
-            continue
-        console.rule(f"[bold]2/4 fine-tune {k + 1}/{len(names)}: {name}[/]")
-        console.print("python launch/train.py " + " ".join(f'"{o}"' if set(o) & set(" {}'[]") else o
-                                                           for o in overrides), soft_wrap=True, highlight=False,
-                      markup=False)
-        t = time.time()
-        summary = train_app.run(tcfg)
-        timings[f"fine-tune {name}"] = time.time() - t
-        runs[name] = {"overrides": _overrides(cfg.runs[name]), "summary": summary,
-                      "run_dir": str(out / name)}
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _fine_tune(cfg, console, out: Path, name: str, k: int, configs: dict, runs_cfg: dict, timings: dict) -> dict:
+    """One launch/train.py run (or the finished one, with reuse_runs)."""
+    from launch import train as train_app
+
+    overrides, tcfg = configs[name]
+    done = out / name / "train_summary.json"
+    head = f"[bold]2/4 fine-tune {k + 1}/{len(configs)}: {name}[/]"
+    if cfg.reuse_runs and done.is_file() and (out / name / "pipeline" / "model_index.json").is_file():
+        console.rule(head + " (reused: reuse_runs=true)")
+        return {"overrides": runs_cfg[name], "summary": json.loads(done.read_text()), "run_dir": str(out / name)}
+    console.rule(head)
+    console.print("python launch/train.py " + " ".join(f'"{o}"' if set(o) & set(" {}'[]") else o
+                                                       for o in overrides), soft_wrap=True, highlight=False,
+                  markup=False)
+    t = time.time()
+    summary = train_app.run(tcfg)
+    timings[f"fine-tune {name}"] = time.time() - t
+    return {"overrides": runs_cfg[name], "summary": summary, "run_dir": str(out / name)}
+
+
+def _evaluate(cfg, console, out: Path, world, seed: int, configs: dict, timings: dict) -> tuple[dict, dict]:
+    """The base (evaluate_base) and every run, evaluated in the world."""
+    from evaluation.generate import load_pipeline
+    from evaluation.world_eval import WorldEvalSettings, evaluate_world, replication_bar, training_descriptors
+    from launch.builders import resolve_pretrained
 
     console.rule("[bold]3/4 evaluation[/]")
-    t = time.time()
+    settings = WorldEvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True), seed=seed)
     train_desc = training_descriptors(world)
     bar = replication_bar(world, train_desc[1], settings.fresh_items, settings.bar_quantile)
-    results, records = {}, {}
+    names = list(configs)
     pipelines = {name: out / name / "pipeline" for name in names}
     if cfg.evaluate_base:
-        base = configs[names[0]][1].model.pretrained
-        pipelines = {"base": Path(resolve_pretrained(base)), **pipelines}
+        pipelines = {"base": Path(resolve_pretrained(configs[names[0]][1].model.pretrained)), **pipelines}
+    results, records = {}, {}
     for name, path in pipelines.items():
         te = time.time()
-        pipe = load_pipeline(path)
-        rec = out / name / "records" if name in runs else None
-        results[name] = evaluate_world(pipe, world, settings, records_dir=rec, bar=bar, train=train_desc)
+        rec = out / name / "records" if name in configs else None
+        results[name] = evaluate_world(load_pipeline(path), world, settings, records_dir=rec, bar=bar,
+                                       train=train_desc)
         records[name] = rec
         timings[f"evaluate {name}"] = time.time() - te
         d, r = results[name]["detection"], results[name]["replication"]["duplicated"]
         console.print(f"{name}: detection AUC {d['auc']:.3f}, duplicated prompts replicated "
                       f"{r['replicated_fraction']:.1%}, fidelity {results[name]['fidelity']['duplicated']['all']:.1%}")
+    return results, records
 
-    console.rule("[bold]4/4 report[/]")
-    timings["total"] = time.time() - t0
-    path = write_report(results, out, world=world_to_dict(world), runs=runs, unfiltered=names[0],
-                        filtered=names[1], records=records, timings=timings)
+
+def _print_seed(console, results: dict, runs: dict, names: list, path: Path, timings: dict) -> None:
+    from rich.table import Table
+
+    from evaluation.world_report import targets
+
     table = Table(title=f"memfilter toy-world demo: {path}")
-    for col in ("run", "AUC step 1", "dup. replicated", "dup. fidelity", "unique fidelity", "dup. kept"):
+    for col in ("run", "AUC step 1", "dup. replicated", "dup. fidelity", "unique fidelity", "dup. kept", "unique kept"):
         table.add_column(col)
+    pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
     for name, res in results.items():
         s = runs.get(name, {}).get("summary") or {}
         table.add_row(name, f"{res['detection']['auc']:.3f}",
-                      f"{res['replication']['duplicated']['replicated_fraction']:.1%}",
-                      f"{res['fidelity']['duplicated']['all']:.1%}", f"{res['fidelity']['unique']['all']:.1%}",
-                      "-" if s.get("dup_kept_fraction") is None else f"{s['dup_kept_fraction']:.1%}")
+                      pct(res['replication']['duplicated']['replicated_fraction']),
+                      pct(res['fidelity']['duplicated']['all']), pct(res['fidelity']['unique']['all']),
+                      pct(s.get("dup_kept_fraction")), pct(s.get("nondup_kept_fraction")))
     console.print(table)
     for c in targets(results, names[0], names[1]):
         console.print(f"[{'green' if c['met'] else 'red'}]{'met' if c['met'] else 'NOT met'}[/] {c['target']}: "
                       f"{c['value']}")
     console.print(f"total {timings['total']:.0f} s; report: {path}")
-    return results
+
+
+def _print_seeds(path: Path) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    text = path.read_text()
+    Console().print(Markdown(text.split("\n## Per seed")[0]))
+    Console().print(f"report: {path}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")

@@ -68,8 +68,50 @@ def test_demo_runs_end_to_end_and_reports_every_section(tmp_path):
         assert data["runs"][name]["summary"]["steps"] == 4
     # every judged sample of the unfiltered run was kept; the records cover 4 steps x 8 samples
     assert data["results"]["unfiltered"]["filter"]["overall"]["dropped"] == 0
-    assert len(data["targets"]) == 4
+    assert len(data["targets"]) == 5
     assert (out / "world" / "manifest.parquet").exists()
+
+
+_SMALL = ["world.num_unique=40", "world.num_duplicated=2", "world.repeats=6", "world.shard_size=20",
+          "train='max_train_steps=4 train_batch_size=8 logger=none checkpointing_steps=2 validation_prompts=[]'",
+          "evaluation.num_images_per_prompt=2", "evaluation.num_unique_prompts=6", "evaluation.unique_images=1",
+          "evaluation.num_inference_steps=3", "evaluation.fresh_items=100", "evaluate_base=false"]
+
+
+@pytest.mark.slow
+def test_demo_over_seeds_reports_spread_dedup_baselines_and_protected_concepts(tmp_path):
+    """seeds=[..]: one world per seed, the dedup baseline beside the runs, named concepts protected by caption."""
+    import pyarrow.parquet as pq
+
+    from filtering.records import read_records
+    from train.data.world import ToyWorld
+
+    out = tmp_path / "demo"
+    cmd = ["python", str(REPO / "launch" / "demo.py"), f"output_dir={out}", "seeds=[3,4]", "~runs.timestep",
+           "world.num_concepts=1", "world.concept_repeats=5", "baselines=[exact]",
+           "+runs.protected='filter=item filter.protect.captions=[emblem]'", *_SMALL]
+    proc = run_cmd(cmd, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "over 2 seeds" in report and "## Targets on every seed" in report
+    data = json.loads((out / "report.json").read_text())
+    assert data["seeds"] == [3, 4]
+    assert set(data["table"]) == {"unfiltered", "filtered", "protected", "dedup-exact"}
+    rep = data["table"]["unfiltered"]["dup. prompts replicated"]
+    assert set(rep["values"]) == {"3", "4"} and rep["min"] <= rep["mean"] <= rep["max"]
+    for s in (3, 4):
+        seed_dir = out / f"seed-{s}"
+        assert json.loads((seed_dir / "world" / "world.json").read_text())["seed"] == s
+        assert (seed_dir / "report.md").is_file()
+        # the exact-dedup shards hold every distinct image once: no duplicated copy, no concept copy
+        manifest = pq.read_table(seed_dir / "world-dedup-exact" / "manifest.parquet").to_pandas()
+        assert manifest.sha256.is_unique and len(manifest) == 40 + 2 + 1
+        # the protected run kept every appearance of the concept (intended), the concept reached the report
+        world = ToyWorld(num_unique=40, num_duplicated=2, repeats=6, seed=s, num_concepts=1, concept_repeats=5)
+        rec = read_records(seed_dir / "protected" / "records").to_pandas()
+        concept = ToyWorld.item_of_keys(rec.key) == world.concept_indices()[0]
+        assert concept.any() and rec.kept[concept].all()
+    assert data["table"]["unfiltered"]["concepts reproduced"]["mean"] is not None
 
 
 def test_build_world_base_writes_a_loadable_pipeline(tmp_path, one_thread):

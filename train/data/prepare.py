@@ -241,6 +241,21 @@ class _Skips:
                 "skipped_appearances": self.appearances, "examples": dict(self.examples)}
 
 
+DEDUP = ("none", "exact", "near")
+
+
+def _dedup_reason(item: dict, written_sha: dict, written_phash: np.ndarray, dedup: str, threshold: int):
+    """(reason, detail) when `item` duplicates a sample already written, else None (pHash: O(written) per item,
+    an all-pairs search like the duplicate report's)."""
+    if item["sha256"] in written_sha:
+        return "duplicate_exact", f"same bytes as {written_sha[item['sha256']]}"
+    if dedup == "near" and written_phash.size:
+        d = _popcount(written_phash ^ np.uint64(item["phash"]))
+        if int(d.min()) <= threshold:
+            return "duplicate_near", f"pHash within {int(d.min())} bits of an earlier sample"
+    return None
+
+
 def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     old = sorted(out.glob("shard-*.tar*")) + [out / f for f in OUTPUT_FILES if (out / f).exists()]
@@ -273,7 +288,7 @@ def _duplicates(keys: list[str], shas: list[str], hashes: list[int], threshold: 
 def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000, resize: int | None = None,
             plan: DuplicationPlan | None = None, captions: Sequence | None = None, near_dup_threshold: int = 6,
             seed: int = 0, num_workers: int = 0, overwrite: bool = False, input_info: dict | None = None,
-            max_examples: int = 5, progress: bool = True) -> dict:
+            max_examples: int = 5, progress: bool = True, dedup: str = "none") -> dict:
     """Write `source` (through `plan`, if given) as webdataset shards; returns the prep report.
 
     Args:
@@ -291,7 +306,12 @@ def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000
         input_info: what the input was (kind, path), copied into the report. Default None.
         max_examples: example keys kept per skip reason and duplicate kind. Default 5.
         progress: show a tqdm bar. Default True.
+        dedup: the deduplication baseline: "exact" skips a sample whose image bytes (sha256) were already
+            written, "near" also one whose pHash is within `near_dup_threshold` bits of a written one, "none"
+            writes all. Skipped samples are counted by reason (duplicate_exact, duplicate_near). Default "none".
     """
+    if dedup not in DEDUP:
+        raise DataConfigError(f"dedup={dedup!r}: choose one of {', '.join(DEDUP)}")
     t0 = time.time()
     out = Path(output_dir)
     _prepare_output(out, overwrite)
@@ -301,14 +321,20 @@ def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000
     loader = DataLoader(_Entries(source, order, plan, resize, captions, seed), batch_size=None,
                         num_workers=num_workers, collate_fn=_identity)
     shards, skips = _Shards(out, shard_size), _Skips(max_examples)
-    rows, phashes, written_keys = defaultdict(list), [], set()
+    rows, phashes, written_keys, written_sha, deduped = defaultdict(list), [], set(), {}, Counter()
     for item in tqdm(loader, total=n_entries, unit="img", desc="prep", disable=not progress):
         if item["skip"] is None and item["key"] in written_keys:
             item["skip"] = ("duplicate_key", f"{item['key']} (after replacing '.' by '_') is already written")
+        if item["skip"] is None and dedup != "none":
+            reason = _dedup_reason(item, written_sha, np.array(phashes, dtype=np.uint64), dedup, near_dup_threshold)
+            if reason:                              # every appearance counts (a bad input counts once per item)
+                deduped[reason[0]] += 1
+                continue
         if item["skip"] is not None:
             skips.add(item)
             continue
         key = item["key"]
+        written_sha[item["sha256"]] = key
         written_keys.add(key)
         meta = {"dup_group": item["group"], "dup_copy": item["copy"], "source": source.source_name,
                 "source_key": item["source_key"]}
@@ -335,6 +361,7 @@ def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000
               "output_dir": str(out.resolve()), "shard_size": shard_size, "resize": resize,
               "written": len(rows["key"]), "shards": len(shards.counts), **skips.report(),
               "duplication": None, "exact_duplicates": exact, "near_duplicates": near,
+              "dedup": {"mode": dedup, "skipped": dict(deduped)},
               "seconds": round(time.time() - t0, 2)}
     if plan is not None:
         groups = Counter(g for g in rows["dup_group"] if g >= 0)

@@ -630,16 +630,18 @@ def world_plan(world: ToyWorld) -> WorldPlan:
 
 
 def prepare_world(world: ToyWorld, output_dir, *, shard_size: int = 500, seed: int = 0,
-                  overwrite: bool = False, progress: bool = True) -> dict:
+                  overwrite: bool = False, progress: bool = True, dedup: str = "none") -> dict:
     """Write `world` as webdataset shards through the prep code (manifest, shards.json, duplicates,
-    report), plus world.json, from which `load_world` rebuilds it. Returns the prep report."""
+    report), plus world.json, from which `load_world` rebuilds it; `dedup` as in `prepare` (a deduplication
+    baseline). Returns the prep report."""
     import json
     from pathlib import Path
 
     from train.data.prepare import prepare
 
     report = prepare(world_source(world), output_dir, shard_size=shard_size, plan=world_plan(world), seed=seed,
-                     overwrite=overwrite, input_info={"kind": "world", **world_to_dict(world)}, progress=progress)
+                     overwrite=overwrite, input_info={"kind": "world", **world_to_dict(world)}, progress=progress,
+                     dedup=dedup)
     (Path(output_dir) / WORLD_FILE).write_text(json.dumps(world_to_dict(world), indent=1))
     return report
 
