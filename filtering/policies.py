@@ -28,9 +28,11 @@ class FilterPolicy:
 
     uses_groups = False   # True: _decide also takes the item ids of every sample (see item_groups)
     group_by: tuple = ("caption",)   # which item ids the loop computes for it
+    uses_losses = False              # True: _decide also takes the per-sample losses
 
     def decide(self, magnitudes: torch.Tensor, timesteps: torch.Tensor | None = None,
-               eligible: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> torch.Tensor:
+               eligible: torch.Tensor | None = None, groups: torch.Tensor | None = None,
+               losses: torch.Tensor | None = None) -> torch.Tensor:
         """Keep mask for one global batch.
 
         Args:
@@ -40,8 +42,9 @@ class FilterPolicy:
                 dropped for classifier-free guidance, whose magnitude is 0 by construction) are kept
                 and do not enter the statistics. Default: all eligible. A non-finite magnitude is dropped
                 and never enters the statistics.
-            groups: [N] int64 group ids (a hash of each sample's caption), for policies that gather
-                evidence per caption (`uses_groups`); ignored by the others.
+            groups: [N] or [N, G] int64 item ids (see item_groups), for policies that gather evidence per
+                item (`uses_groups`); ignored by the others.
+            losses: [N] per-sample training losses, for policies that read them (`uses_losses`).
         Returns:
             [N] bool, True = the sample stays in the loss.
         """
@@ -56,8 +59,11 @@ class FilterPolicy:
             tt = None if t is None else t[elig]
             if self.uses_groups:
                 if groups is None:
-                    raise ValueError(f"the {self.name} policy needs the group (caption) id of every sample")
-                keep[elig] = self._decide(m[elig], tt, groups.detach().long().cpu()[elig])
+                    raise ValueError(f"the {self.name} policy needs the group (item) ids of every sample")
+                if self.uses_losses and losses is None:
+                    raise ValueError(f"the {self.name} policy with evidence {self.evidence} needs the losses")
+                extra = (losses.detach().float().cpu()[elig],) if self.uses_losses else ()
+                keep[elig] = self._decide(m[elig], tt, groups.detach().long().cpu()[elig], *extra)
             else:
                 keep[elig] = self._decide(m[elig], tt)
         return keep.to(magnitudes.device)
@@ -371,82 +377,108 @@ class CaptionHistory(FilterPolicy):
 
 @dataclass
 class ItemEvidence(FilterPolicy):
-    """Drops every sample of an item (a caption, an image) whose magnitudes stand significantly above the
-    population's at the same point of training. The default policy.
+    """Drops every sample of an item (an image; a caption on request) whose training signals stand out from
+    those of the items the model has rarely seen, at the same point of training. The default policy.
 
     Memorization is a property of an item seen many times, not of one draw: one sample's m is noisy (its
-    noise and timestep), and it builds up over an item's appearances. So evidence is gathered per item and
-    compared with the population, never with the item's own past (a caption whose magnitudes drift with
-    the rest of the model is not memorized; one that stands out from the rest is):
+    noise and timestep), and memorization builds up over an item's appearances. So evidence is gathered per
+    item and compared with the population at the same moment, never with the item's own past (an item whose
+    signals drift with the rest of the model is not memorized; one that stands out from the rest is):
 
-    1. population reference: per timestep bucket, the median and the robust spread (1.4826 MAD) of log m
-       over the last `window` judged samples, every item included, *before* this batch;
-    2. per sample at t >= `min_timestep` (where an item's unnamed detail shows in the noise prediction):
-       z = (log m - median_b) / spread_b, about N(0, 1) for an ordinary sample;
-    3. per item id (every group id of the sample: its caption hash, and its image hash when the loop
-       gives one): the decayed sum of z and the decayed count n of its appearances (each halves every
-       `half_life` decisions), so the evidence follows the model as it trains;
+    1. reference: per timestep bucket, the median and the robust spread (1.4826 MAD) of each signal over
+       the last `window` samples of items *rarely seen lately* (decayed count < `rare_count`: unique items,
+       and every item at its first appearance), before this batch. Repeated items never enter it, so a
+       large duplicated share cannot drag the reference along (probe: with 33% duplicated draws, an
+       all-sample median hid them);
+    2. per sample at t >= `min_timestep`: z = the mean over the `evidence` signals of (x - median_b) /
+       spread_b, times sqrt(#signals), about N(0, 1) for an ordinary sample. Signals: "magnitude" (log m,
+       Wen et al.'s text-conditional magnitude at the training x_t) and "loss" (minus the log of the sample's
+       training loss: the model denoising this very image better than fresh ones, which in the toy world
+       shows from step ~50 while the magnitude at training points separates from step ~200);
+    3. per item id (see `group_by`): the decayed sum of z and the decayed count n of its appearances (each
+       halves every `half_life` decisions), so the evidence follows the model as it trains;
     4. an item is flagged when its mean z is above `margin` with confidence: mean - z_crit / sqrt(n) >
-       margin (a one-sided test, false-positive rate about 0.13% per look at z_crit 3 for an item whose
-       true mean is at the margin); it stays flagged while its mean stays above `margin` (hysteresis);
-    5. a sample is dropped when any of its items is flagged. Dropped samples keep adding evidence, so a
-       flagged item is released when the model has let go of it.
+       margin (one-sided, false-positive rate about 0.13% per look at z_crit 3 for an item whose true mean
+       is at the margin); it stays flagged while its mean stays above `margin` (hysteresis);
+    5. a sample is dropped when any of its items is flagged. Dropped samples keep adding evidence (their m
+       and loss are measured all the same), so a flagged item is released when the model lets go of it.
 
-    An item seen once (a unique image with a unique caption) never gathers enough evidence: only items
-    that repeat can be flagged, and only those the model treats differently from the population. The
-    state is bounded: at most `capacity` items, least recently seen evicted first (an evicted item
-    starts again from no evidence); each tracked item costs 32 bytes in a checkpoint (id, sum, count,
-    last decision, flag) and about 250 bytes of Python objects in memory.
+    An item seen once (a unique image) never gathers `min_count` appearances within a half-life: only items
+    that repeat can be flagged, and only those the model treats differently from fresh ones. The state is
+    bounded: at most `capacity` items, least recently seen evicted first (an evicted item starts again from
+    no evidence); each tracked item costs 40 bytes in a checkpoint (id and four float64: sum, count, last
+    decision, flag) and about 250 bytes of Python objects in memory (100k items: ~4 MB and ~25 MB).
 
     Args:
-        margin: mean z (in units of the per-sample spread) above which an item counts as standing out.
-            Default 0.5.
+        margin: mean z (in units of the per-sample spread) above which an item stands out. Default 0.5.
         z_crit: confidence multiplier of the test. Default 3.0.
         min_count: appearances (decayed) an item needs before it can be flagged. Default 8.
         half_life: decisions (global micro-batches) after which old evidence weighs half. Default 50.
         min_timestep: only samples at t >= min_timestep add evidence; the decision applies at every t.
-            Default 500.
-        num_buckets: equal timestep buckets of the population reference. Default 10.
+            Default 0.
+        num_buckets: equal timestep buckets of the reference. Default 10.
         num_train_timesteps: the noise scheduler's num_train_timesteps. Default 1000.
-        window: past magnitudes per bucket in the reference. Default 256.
-        warmup: magnitudes a bucket needs before its samples add evidence. Default 32.
+        window: reference samples per bucket; short, so that the reference is the model *now* (64 at
+            batch 32 is ~30 steps). Default 64.
+        warmup: reference samples a bucket needs before its samples add evidence. Default 16.
         capacity: items tracked at most. Default 100000.
-        group_by: the item ids of a sample: "caption" (its caption's hash) and "image" (a perceptual hash of
-            its pixels, so one image under many captions is one item). Default ("caption", "image").
+        rare_count: an item whose decayed count is below this is "rarely seen" and enters the reference.
+            Default 1.0.
+        group_by: the item ids of a sample: "image" (a perceptual hash of its pixels, so one image under many
+            captions is one item, near copies mostly too) and/or "caption" (its caption's hash: only where a
+            caption names one item; captions shared by many images make poor items). The first kind also
+            decides rarity. Default ("image",).
+        evidence: the signals, "magnitude" and/or "loss". Default ("magnitude", "loss").
     """
 
     margin: float = 0.5
     z_crit: float = 3.0
     min_count: float = 8.0
     half_life: float = 50.0
-    min_timestep: int = 500
+    min_timestep: int = 0
     num_buckets: int = 10
     num_train_timesteps: int = 1000
-    window: int = 256
-    warmup: int = 32
+    window: int = 64
+    warmup: int = 16
     capacity: int = 100_000
     rare_count: float = 1.0
     group_by: tuple = ("image",)
+    evidence: tuple = ("magnitude", "loss")
     name = "item"
     uses_groups = True
 
     def __post_init__(self):
-        self.group_by = tuple(self.group_by)
+        self.group_by, self.evidence = tuple(self.group_by), tuple(self.evidence)
         item_groups(self.group_by, [], torch.zeros(0, 3, 8, 8))          # validate the kinds
-        self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
+        if not self.evidence or not set(self.evidence) <= {"magnitude", "loss"}:
+            raise ValueError(f"filter.evidence={list(self.evidence)}: choose magnitude and/or loss")
+        self._wins = [[_Window(self.window) for _ in range(self.num_buckets)] for _ in self.evidence]
         self._items: OrderedDict[int, list] = OrderedDict()   # id -> [sum z, count, last call, flagged], LRU order
         self._calls = 0
         self._decay = 0.5 ** (1.0 / self.half_life)
 
-    def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per bucket: median and robust spread of log m (NaN while the bucket warms up)."""
+    @property
+    def uses_losses(self) -> bool:
+        return "loss" in self.evidence
+
+    def _reference(self, wins: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per bucket: median and robust spread of a window's values (NaN while the bucket warms up)."""
         med = torch.full((self.num_buckets,), float("nan"))
         spread = torch.full((self.num_buckets,), float("nan"))
-        for b, w in enumerate(self._wins):
+        for b, w in enumerate(wins):
             if len(w) >= self.warmup:
                 med[b] = w.values.median()
                 spread[b] = MAD_TO_STD * (w.values - med[b]).abs().median()
         return med, spread
+
+    def _zscores(self, signals: list[torch.Tensor], buckets: torch.Tensor) -> torch.Tensor:
+        """[N] evidence: the mean of each signal's z against its reference, times sqrt(#signals) (N(0, 1) for an
+        ordinary sample when the signals are independent). Signals point up: log m, and -log loss."""
+        z = torch.zeros(buckets.shape[0])
+        for x, wins in zip(signals, self._wins):
+            med, spread = self._reference(wins)
+            z += (x - med[buckets]) / spread[buckets].clamp_min(1e-6)
+        return z / math.sqrt(len(signals))
 
     def _seen(self, gid: int) -> float:
         """Decayed count of item `gid`'s appearances so far (0 for an item not tracked)."""
@@ -477,15 +509,15 @@ class ItemEvidence(FilterPolicy):
                 row[3] = float(mean - self.z_crit / math.sqrt(row[1]) > self.margin)
         return bool(row[3])
 
-    def _decide(self, m, t, g):
+    def _decide(self, m, t, g, losses=None):
         if t is None:
             raise ValueError("the item policy needs the timesteps of the batch")
         g = g.reshape(m.numel(), -1)                                      # [N, G] item ids, 0 = none
         self._calls += 1
         buckets = (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
-        logm = m.clamp_min(1e-12).log()
-        med, spread = self._reference()
-        z = (logm - med[buckets]) / spread[buckets].clamp_min(1e-6)
+        signals = [m.clamp_min(1e-12).log() if e == "magnitude" else -losses.clamp_min(1e-12).log()
+                   for e in self.evidence]
+        z = self._zscores(signals, buckets)
         usable = (t >= self.min_timestep) & torch.isfinite(z)
         keep = torch.ones_like(m, dtype=torch.bool)
         rare = torch.zeros_like(m, dtype=torch.bool)
@@ -495,8 +527,9 @@ class ItemEvidence(FilterPolicy):
             zi = zs[i] if ok[i] else None
             flagged = [self._update(gid, zi) for gid in ids[i] if gid]
             keep[i] = not any(flagged)
-        for b in buckets.unique().tolist():            # the reference: items the model has rarely seen lately
-            self._wins[b].add(logm[(buckets == b) & rare])
+        for x, wins in zip(signals, self._wins):        # the reference: items the model has rarely seen lately
+            for b in buckets.unique().tolist():
+                wins[b].add(x[(buckets == b) & rare])
         return keep
 
     def thresholds(self):
@@ -508,11 +541,12 @@ class ItemEvidence(FilterPolicy):
     def state_dict(self):
         ids = list(self._items)                         # LRU order: eviction resumes exactly
         rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, 4)
-        return {"values": [w.values.clone() for w in self._wins], "item_ids": torch.tensor(ids, dtype=torch.long),
-                "item_state": rows, "calls": self._calls}
+        return {"values": [w.values.clone() for wins in self._wins for w in wins],
+                "item_ids": torch.tensor(ids, dtype=torch.long), "item_state": rows, "calls": self._calls}
 
     def load_state_dict(self, state):
-        _restore_windows(self._wins, state["values"])
+        flat = [w for wins in self._wins for w in wins]
+        _restore_windows(flat, state["values"])
         self._items = OrderedDict((int(i), [float(x) for x in row])
                                   for i, row in zip(state["item_ids"].tolist(), state["item_state"].tolist()))
         self._calls = int(state["calls"])

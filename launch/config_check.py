@@ -112,7 +112,10 @@ _FILTER_RULES = {
         ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("capacity", lambda v: is_int(v) and v >= 1, "an integer >= 1, e.g. filter.capacity=100000"),
         ("group_by", lambda v: isinstance(v, (list, ListConfig)) and len(v) >= 1 and set(v) <= {"caption", "image"},
-         "a non-empty list of caption and/or image, e.g. filter.group_by=[caption,image]")],
+         "a non-empty list of caption and/or image, e.g. filter.group_by=[caption,image]"),
+        ("evidence", lambda v: isinstance(v, (list, ListConfig)) and len(v) >= 1 and set(v) <= {"magnitude", "loss"},
+         "a non-empty list of magnitude and/or loss, e.g. filter.evidence=[magnitude,loss]"),
+        ("rare_count", lambda v: _is_num(v) and v > 0, "a number > 0, e.g. filter.rare_count=1")],
     "none": [],
 }
 

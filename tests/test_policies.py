@@ -460,40 +460,47 @@ def test_caption_policy_counts_only_high_noise_evidence_but_drops_at_every_times
 # --------------------------------------------------------------------------- item evidence (the default)
 
 def _item_stream(seed: int, steps: int = 80, rise_from: int = 20):
-    """24 repeated captions (group ids 1..24) and a unique image id per sample; captions 1..3 start to
-    stand out (x1.5, log 0.41 = 1.6 spreads) at `rise_from`, the rest follow a common drift of the model."""
+    """64 samples a step: images 1..3 repeat and start to stand out at `rise_from` (m x1.5 and loss x0.6, both
+    ~1.6 spreads), images 4..6 repeat and stay ordinary, the rest are unique; the whole population drifts
+    (m up, loss down) as a fine-tune moves the model. Yields (m, t, image ids [64, 1], losses)."""
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        cap = torch.randint(1, 25, (64,), generator=g)
+        image = 10_000 + step * 64 + torch.arange(64)                 # unique images ...
+        image[:12] = torch.randint(1, 7, (12,), generator=g)           # ... and 12 appearances of repeated ones
         t = torch.randint(0, 1000, (64,), generator=g)
-        drift = 1.0 + 0.01 * step                                    # the whole population moves
+        drift = 1.0 + 0.01 * step
         m = drift * (1.0 + t.float() / 1000) * torch.exp(0.25 * torch.randn(64, generator=g))
-        m = torch.where((cap <= 3) & (step >= rise_from), 1.5 * m, m)
-        image = 10_000 + step * 64 + torch.arange(64)
-        yield m, t, torch.stack([cap, image], dim=1)
+        loss = (0.2 - 0.15 * t.float() / 1000) / drift * torch.exp(0.3 * torch.randn(64, generator=g))
+        hot = (image <= 3) & (step >= rise_from)
+        m, loss = torch.where(hot, 1.5 * m, m), torch.where(hot, 0.6 * loss, loss)
+        yield m, t, image[:, None], loss
 
 
 def _item_policy(**kw):
     from filtering.policies import ItemEvidence
-    return ItemEvidence(**{"num_buckets": 4, "window": 256, "warmup": 16, **kw})
+    return ItemEvidence(**{"num_buckets": 4, "window": 64, "warmup": 16, **kw})
 
 
-def test_item_policy_drops_items_that_stand_out_from_the_population_and_spares_the_drifting_rest():
-    p = _item_policy()
-    kept = [(gr[:, 0], p.decide(m, t, groups=gr)) for m, t, gr in _item_stream(0)]
-    first = min(s for s, (cap, k) in enumerate(kept) if not k[cap <= 3].all())
-    assert 20 < first <= 45                                          # after the rise began, not before
-    late = torch.cat([k[cap <= 3] for cap, k in kept[60:]])
+@pytest.mark.parametrize("evidence", [("magnitude",), ("loss",), ("magnitude", "loss")])
+def test_item_policy_drops_items_that_stand_out_from_fresh_ones_and_spares_the_drifting_rest(evidence):
+    p = _item_policy(evidence=evidence)
+    kept = [(gr[:, 0], p.decide(m, t, groups=gr, losses=loss)) for m, t, gr, loss in _item_stream(0)]
+    first = min(s for s, (img, k) in enumerate(kept) if not k[img <= 3].all())
+    assert 20 < first <= 50                                          # after the rise began, not before
+    late = torch.cat([k[img <= 3] for img, k in kept[60:]])
     assert late.float().mean() < 0.1                                 # then (nearly) every appearance
-    others = torch.cat([k[cap > 3] for cap, k in kept])
-    assert others.float().mean() > 0.99                              # a common drift flags nothing
+    others = torch.cat([k[img > 3] for img, k in kept])
+    assert others.float().mean() > 0.99                              # repeated but ordinary, and unique: kept
     assert p.thresholds()["items_flagged"] >= 3
     with pytest.raises(ValueError, match="group"):
         p.decide(torch.ones(4), torch.zeros(4, dtype=torch.long))
+    if "loss" in evidence:
+        with pytest.raises(ValueError, match="losses"):
+            p.decide(torch.ones(4), torch.zeros(4, dtype=torch.long), groups=torch.ones(4, dtype=torch.long))
 
 
 def test_item_policy_never_flags_an_item_seen_once_however_large_its_magnitude():
-    p = _item_policy(min_count=2)
+    p = _item_policy(min_count=2, evidence=("magnitude",))
     p.decide(torch.ones(64), torch.full((64,), 900), groups=torch.arange(1, 65))     # warm-up
     for i in range(20):
         ids = 1000 + 8 * i + torch.arange(8)
@@ -502,7 +509,7 @@ def test_item_policy_never_flags_an_item_seen_once_however_large_its_magnitude()
 
 def test_item_policy_flags_an_image_shown_under_many_captions():
     """Image-only duplication: every appearance has a caption of its own, the image id is shared."""
-    p = _item_policy()
+    p = _item_policy(evidence=("magnitude",), group_by=("image", "caption"))
     g = torch.Generator().manual_seed(1)
     dropped = []
     for step in range(60):
@@ -520,14 +527,14 @@ def test_item_policy_flags_an_image_shown_under_many_captions():
 def test_item_policy_restored_mid_stream_decides_as_the_uninterrupted_one():
     stream = list(_item_stream(3))
     a, b = _item_policy(capacity=500), _item_policy(capacity=500)    # small: eviction happens mid-stream
-    for m, t, gr in stream[:30]:
-        a.decide(m, t, groups=gr)
-        b.decide(m, t, groups=gr)
+    for m, t, gr, loss in stream[:30]:
+        a.decide(m, t, groups=gr, losses=loss)
+        b.decide(m, t, groups=gr, losses=loss)
     restored = _item_policy(capacity=500)
     restored.load_state_dict(copy.deepcopy(b.state_dict()))
     dropped = 0
-    for m, t, gr in stream[30:]:
-        ka, kr = a.decide(m, t, groups=gr), restored.decide(m, t, groups=gr)
+    for m, t, gr, loss in stream[30:]:
+        ka, kr = a.decide(m, t, groups=gr, losses=loss), restored.decide(m, t, groups=gr, losses=loss)
         assert torch.equal(ka, kr)
         dropped += int((~ka).sum())
     assert dropped > 0
@@ -536,7 +543,7 @@ def test_item_policy_restored_mid_stream_decides_as_the_uninterrupted_one():
 
 def test_item_policy_state_stays_bounded_on_a_million_distinct_captions():
     capacity = 50_000
-    p = _item_policy(capacity=capacity, min_timestep=0)
+    p = _item_policy(capacity=capacity, evidence=("magnitude",))
     g = torch.Generator().manual_seed(0)
     n, batch = 1_000_000, 8192
     for start in range(0, n, batch):
@@ -547,7 +554,7 @@ def test_item_policy_state_stays_bounded_on_a_million_distinct_captions():
     state = p.state_dict()
     assert len(p._items) == capacity == state["item_ids"].numel()
     item_bytes = state["item_ids"].numel() * 8 + state["item_state"].numel() * state["item_state"].element_size()
-    assert item_bytes <= capacity * 40                                       # 8 (id) + 4 x 8 per tracked item
+    assert item_bytes == capacity * 40                                       # 8 (id) + 4 x 8 per tracked item
     assert int(state["item_ids"][-1]) == 2 * (n - 1) + 1                      # the newest stay, the oldest left
 
 
