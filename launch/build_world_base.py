@@ -1,10 +1,10 @@
-"""Rebuild the toy world's base model (train/assets/world-base), the stand-in for a pretrained Stable Diffusion.
+"""Rebuild the toy world's base model (toyworld/assets/world-base), the stand-in for a pretrained Stable Diffusion.
 
     python launch/build_world_base.py                          # the shipped weights: ~20 minutes on 2 CPU cores
     python launch/build_world_base.py output_dir=/tmp/my-base unet_steps=2000
 
 Trains the VAE, then the UNet and text encoder on fresh, never-duplicated items of the world
-(train/world_base.py), and saves the pipeline with save_pretrained (safetensors) plus world_base.json
+(toyworld/base.py), and saves the pipeline with save_pretrained (safetensors) plus world_base.json
 (its measurements: VAE PSNR, latent scaling factor, prompt fidelity during training).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ _RULES = [(k, lambda v: is_int(v) and v >= 1, "an integer >= 1")
 def run(cfg: DictConfig) -> Path:
     import torch
 
-    from train.world_base import ASSET_DIR, BaseArgs, build_world_base
+    from toyworld.base import ASSET_DIR, BaseArgs, build_world_base
 
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)

@@ -10,7 +10,7 @@ from train.data.duplication import DuplicatedDataset, make_plan
 from train.data.hf import HFSource
 from train.data.imagefolder import ImageFolderSource
 from train.data.synthetic import SyntheticShapes
-from train.data.world import ToyWorld, ToyWorldDataset, WorldSpec
+from toyworld.world import ToyWorld, ToyWorldDataset, WorldSpec
 from train.data.wds import WebDatasetSource
 from train.models import Components, build_tiny, load_pretrained
 
@@ -19,10 +19,10 @@ BUILTIN = "builtin:"
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """`builtin:<name>` is a model shipped in the repo (train/assets/<name>); anything else is returned as is."""
+    """`builtin:<name>` is a model shipped in the repo (toyworld/assets/<name>); anything else is returned as is."""
     if not str(pretrained).startswith(BUILTIN):
         return pretrained
-    from train.world_base import ASSET_DIR
+    from toyworld.base import ASSET_DIR
 
     name = str(pretrained)[len(BUILTIN):]
     path = ASSET_DIR.parent / name

@@ -68,7 +68,7 @@ def _train_config(overrides: list[str]) -> DictConfig:
 def run(cfg: DictConfig) -> dict:
     """The demo once (`seed`, `world.seed`), or once per seed of `seeds` (each in <output_dir>/seed-<S>, with
     seed = world.seed = S) and a report of mean and spread across them. Returns the results."""
-    from evaluation.world_report import write_seeds_report
+    from toyworld.report import write_seeds_report
 
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)
@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _world(cfg: DictConfig, seed: int):
-    from train.data.world import ToyWorld
+    from toyworld.world import ToyWorld
 
     w = cfg.world
     return ToyWorld(num_unique=w.num_unique, num_duplicated=w.num_duplicated, repeats=w.repeats, seed=seed,
@@ -106,8 +106,8 @@ def _run_seed(cfg: DictConfig, seed: int, world_seed: int, out: Path) -> dict:
     """World, fine-tunes, evaluation and report of one seed in `out`."""
     from rich.console import Console
 
-    from evaluation.world_report import write_report
-    from train.data.world import prepare_world, shard_urls, world_to_dict
+    from toyworld.report import write_report
+    from toyworld.world import prepare_world, shard_urls, world_to_dict
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def _fine_tune(cfg, console, out: Path, name: str, k: int, configs: dict, runs_c
 def _evaluate(cfg, console, out: Path, world, seed: int, configs: dict, timings: dict) -> tuple[dict, dict]:
     """The base (evaluate_base) and every run, evaluated in the world."""
     from evaluation.generate import load_pipeline
-    from evaluation.world_eval import WorldEvalSettings, evaluate_world, replication_bar, training_descriptors
+    from toyworld.evaluate import WorldEvalSettings, evaluate_world, replication_bar, training_descriptors
     from launch.builders import resolve_pretrained
 
     console.rule("[bold]3/4 evaluation[/]")
@@ -198,7 +198,7 @@ def _evaluate(cfg, console, out: Path, world, seed: int, configs: dict, timings:
 def _print_seed(console, results: dict, runs: dict, names: list, path: Path, timings: dict) -> None:
     from rich.table import Table
 
-    from evaluation.world_report import targets
+    from toyworld.report import targets
 
     table = Table(title=f"memfilter toy-world demo: {path}")
     for col in ("run", "AUC step 1", "dup. replicated", "dup. fidelity", "unique fidelity", "dup. kept", "unique kept"):

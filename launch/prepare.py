@@ -87,9 +87,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run_world(cfg: DictConfig) -> dict:
-    """The toy world (train/data/world.py): its own duplication (world.*), written through the same prep code."""
+    """The toy world (toyworld/world.py): its own duplication (world.*), written through the same prep code."""
     from train.data.prepare import format_summary
-    from train.data.world import ToyWorld, prepare_world
+    from toyworld.world import ToyWorld, prepare_world
 
     for key, ok, must in _WORLD_RULES:
         check_value(cfg, key, ok, must)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.world_eval import replication_bar, training_descriptors
 from tests.conftest import REPO, run_cmd
-from train.data.world import ToyWorld, detail_descriptor, draw_item
-from train.world_base import ASSET_DIR
+from toyworld.base import ASSET_DIR
+from toyworld.evaluate import replication_bar, training_descriptors
+from toyworld.world import ToyWorld, detail_descriptor, draw_item
 
 
 def test_replication_bar_separates_copies_from_chance():
@@ -30,7 +30,7 @@ def test_shipped_base_loads_and_follows_captions():
     """The base the demo fine-tunes: a StableDiffusionPipeline from safetensors that draws what captions name."""
     from diffusers import StableDiffusionPipeline
 
-    from train.world_base import base_fidelity
+    from toyworld.base import base_fidelity
     from train.models import Components
 
     assert (ASSET_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -84,7 +84,7 @@ def test_demo_over_seeds_reports_spread_dedup_baselines_and_protected_concepts(t
     import pyarrow.parquet as pq
 
     from filtering.records import read_records
-    from train.data.world import ToyWorld
+    from toyworld.world import ToyWorld
 
     out = tmp_path / "demo"
     cmd = ["python", str(REPO / "launch" / "demo.py"), f"output_dir={out}", "seeds=[3,4]", "~runs.timestep",
@@ -118,7 +118,7 @@ def test_build_world_base_writes_a_loadable_pipeline(tmp_path, one_thread):
     """The base builder end to end at a few steps: both stages, reuse of a trained VAE, save_pretrained."""
     from diffusers import StableDiffusionPipeline
 
-    from train.world_base import BaseArgs, build_world_base
+    from toyworld.base import BaseArgs, build_world_base
 
     args = BaseArgs(vae_steps=2, unet_steps=2, eval_every=1, batch_size=4, block_out_channels=(32, 32),
                     cross_attention_dim=32, vae_channels=(32, 32))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from train.data.world import (ATTRIBUTES, CAPTION_TEMPLATES, COLOURS, CONCEPT_NAMES, POSITIONS, SHAPES, VARIANTS,
+from toyworld.world import (ATTRIBUTES, CAPTION_TEMPLATES, COLOURS, CONCEPT_NAMES, POSITIONS, SHAPES, VARIANTS,
                               ToyWorld, ToyWorldDataset, WorldSpec, caption_of, combo, detail_descriptor, draw_item,
                               fidelity, load_world, parse_caption, prepare_world, read_attributes, render, shape_mask,
                               shard_urls, templated_caption, world_from_dict, world_to_dict)

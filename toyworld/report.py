@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from evaluation.world_eval import to_json
-from train.data.world import ToyWorld
-
-
-from evaluation.report import _fmt as _f  # noqa: E402  (one number format for every report)
+from evaluation.report import _fmt as _f  # one number format for every report
+from toyworld.evaluate import to_json
+from toyworld.world import ToyWorld
 
 
 def _pct(v) -> str:
@@ -163,8 +161,8 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
     """report.json, report.md and the pictures in `out_dir`; returns the path of report.md.
 
     Args:
-        results: run name -> evaluation.world_eval.evaluate_world result (the base model may be one).
-        world: the world's parameters (train.data.world.world_to_dict).
+        results: run name -> toyworld.evaluate.evaluate_world result (the base model may be one).
+        world: the world's parameters (toyworld.world.world_to_dict).
         runs: run name -> {"overrides": [...], "summary": train summary} for the fine-tunes.
         unfiltered, filtered: the two runs the targets compare.
         records: run name -> records folder, for the magnitude plot. Default None.

@@ -1,6 +1,6 @@
 """Evaluation in the toy world, where memorization is read exactly from pixels.
 
-For one fine-tuned pipeline and the world it was fine-tuned on (`train.data.world`):
+For one fine-tuned pipeline and the world it was fine-tuned on (`toyworld.world`):
 
 - **detection**: Wen et al.'s step-1 score of every duplicated caption and of a sample of unique ones
   (n generations, the first step of the CFG trajectory), with AUC and TPR at 1% FPR;
@@ -27,7 +27,7 @@ from evaluation.detection import detection_metrics
 from evaluation.detect import score_prompts
 from evaluation.generate import image_seed
 from evaluation.replication import nearest_neighbours
-from train.data.world import ToyWorld, detail_descriptor, draw_item, fidelity, named_attributes, parse_caption
+from toyworld.world import ToyWorld, detail_descriptor, draw_item, fidelity, named_attributes, parse_caption
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The base model of the toy world: what stands in for a pretrained Stable Diffusion on a laptop.
 
 An SD-shaped pipeline (AutoencoderKL, CLIP tokenizer and text encoder, UNet2DConditionModel, DDIM) trained
-from scratch on fresh, never-duplicated items of the world (`train.data.world`, split "base"):
+from scratch on fresh, never-duplicated items of the world (`toyworld.world`, split "base"):
 
 1. the VAE (16 px RGB -> 8x8x4 latents) on reconstruction, until it keeps the unnamed detail
    (a detail-descriptor cosine of ~0.99 between an image and its reconstruction);
@@ -10,7 +10,7 @@ from scratch on fresh, never-duplicated items of the world (`train.data.world`, 
    both, AdamW with warm-up and cosine decay.
 
 Fine-tuning then starts from it with the text encoder frozen, as users fine-tune SD. The repo ships
-the result (`train/assets/world-base`, safetensors); `python launch/build_world_base.py` rebuilds it
+the result (`toyworld/assets/world-base`, safetensors); `python launch/build_world_base.py` rebuilds it
 from the same seed. Progress lines report the VAE's PSNR and the base's prompt fidelity (attributes read
 back from generations of fresh captions) as they go.
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.data.world import SPLITS, WorldSpec, draw_item, fidelity
+from toyworld.world import SPLITS, WorldSpec, draw_item, fidelity
 from train.models import Components, build_pipeline, build_tiny
 
 log = logging.getLogger("memfilter.world_base")
