@@ -415,7 +415,8 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
             valid = torch.arange(max(b, 1), device=dev) < b
             gen = torch.Generator(device=dev).manual_seed(step_seed(args.seed, rank, state.global_step, micro))
             with torch.no_grad():
-                latents = c.vae.encode(batch["pixel_values"].to(dev, weight_dtype)).latent_dist.sample(gen)
+                pixels = batch["pixel_values"].to(dev, weight_dtype)
+                latents = c.vae.encode(pixels).latent_dist.sample(gen)
                 latents = latents.float() * c.vae.config.scaling_factor
                 ids = batch["input_ids"].to(dev)
                 dropped = torch.rand(ids.shape[0], generator=gen, device=dev) < args.proportion_empty_prompts
@@ -433,7 +434,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=accelerator.gather,
                     rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m, valid=valid,
                     pad_to=args.train_batch_size,
-                    groups=(item_groups(policy.group_by, batch["captions"], batch["pixel_values"]) if b else
+                    groups=(item_groups(policy.group_by, batch["captions"], pixels) if b else
                             torch.zeros(1, len(policy.group_by), dtype=torch.long))
                     if policy.uses_groups else None)      # hash only for a policy that reads item ids
                 # x world: DDP averages gradients over ranks, we want their sum (divided by kept_total below)

@@ -132,7 +132,8 @@ def filtered_diffusion_step(
     g[~g_valid, 0] = 0.0                                   # NaN-free padding (m is NaN when not measured)
     n_groups = gid.shape[1]
     g_groups = (g[:, 6:6 + n_groups].long() << 24) | g[:, 6 + n_groups:].long()          # [N, G]
-    keep_global = policy.decide(g[:, 0], g[:, 1].long(), g[:, 2].bool() & g_valid, groups=g_groups) & g_valid
+    keep_global = policy.decide(g[:, 0], g[:, 1].long(), g[:, 2].bool() & g_valid, groups=g_groups,
+                                losses=g[:, 4]) & g_valid
     # (the same decision on every rank)
     g = g[:, :5]
     keep = keep_global[rank * width:rank * width + b].to(dev)
