@@ -1,6 +1,9 @@
 """Config -> objects. The only place where a Hydra config becomes models, data and policies."""
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from omegaconf import DictConfig, OmegaConf
 
 from filtering.policies import build_policy
@@ -9,10 +12,9 @@ from launch.config_check import ConfigError
 from train.data.duplication import DuplicatedDataset, make_plan
 from train.data.hf import HFSource
 from train.data.imagefolder import ImageFolderSource
-from train.data.synthetic import SyntheticShapes
-from toyworld.world import ToyWorld, ToyWorldDataset, WorldSpec
 from train.data.wds import WebDatasetSource
 from train.models import Components, build_tiny, load_pretrained
+from toyworld.world import ToyWorld, ToyWorldDataset, WorldSpec
 
 
 BUILTIN = "builtin:"
@@ -53,6 +55,25 @@ def native_resolution(components: Components) -> int:
     return int(components.unet.config.sample_size) * factor
 
 
+# What the world group (conf/world/default.yaml) holds: every ToyWorld field but the geometry (spec).
+WORLD_KEYS = tuple(f.name for f in dataclasses.fields(ToyWorld) if f.name != "spec")
+
+
+def build_world(world: DictConfig, *, seed: int | None = None, resolution: int | None = None,
+                prefix: str = "world") -> ToyWorld:
+    """The ToyWorld of a config node composed from the world group (`world` in the demo and prep apps, `data`
+    with data=world): the group's keys are passed as they are, other keys of the node (name, shard_size) are
+    not the world's. `seed` replaces world.seed (the demo's seeds); `resolution` draws at the model's size
+    (null or 0: WorldSpec's 16 px). A value ToyWorld rejects stops the run naming `<prefix>.<key>`."""
+    kw = {k: world[k] for k in WORLD_KEYS if k in world}
+    if seed is not None:
+        kw["seed"] = seed
+    try:
+        return ToyWorld(**kw, spec=WorldSpec(resolution=resolution) if resolution else WorldSpec())
+    except ValueError as e:           # ToyWorld names its fields world.<key>
+        raise ConfigError(re.sub(r"\bworld(?=[.:])", prefix, str(e))) from None
+
+
 def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
     """The data source named by data.name; a bad path or column stops here, before any model is built."""
     from omegaconf.errors import MissingMandatoryValue
@@ -60,13 +81,8 @@ def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
     try:
         kw = OmegaConf.to_container(data, resolve=True, throw_on_missing=True)
         name = kw.pop("name")
-        if name == "synthetic":
-            return SyntheticShapes(num_unique=data.num_unique, num_duplicated=data.num_duplicated,
-                                   repeats=data.repeats, resolution=resolution, seed=data.seed)
         if name == "world":
-            spec = WorldSpec(resolution=resolution) if resolution else WorldSpec()
-            return ToyWorldDataset(ToyWorld(num_unique=data.num_unique, num_duplicated=data.num_duplicated,
-                                            repeats=data.repeats, seed=data.seed, spec=spec))
+            return ToyWorldDataset(build_world(data, resolution=resolution, prefix="data"))
         if name == "webdataset":
             shards = kw.pop("shards")
             return WebDatasetSource(shards, seed=seed, **kw)
@@ -80,7 +96,7 @@ def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
     raise ConfigError(f"data.name={data.name!r}: unknown data source; choose "
-                      "data=world|synthetic|imagefolder|hf|webdataset")
+                      "data=world|imagefolder|hf|webdataset")
 
 
 def _with_duplication(source, dup: dict):

@@ -7,9 +7,13 @@
 `train` and each entry of `runs` are launch/train.py command-line overrides in one string (quoted for
 Hydra, since they hold `=`).
 
+The world's settings are `world.*`, composed from the world group (conf/world/default.yaml: the same world
+as `data=world` and `launch/prepare.py input.kind=world`); captions name shape and colour, e.g. "a red circle".
+
 1. builds the world's fine-tuning set (duplicated and unique items) as webdataset shards with the prep code;
 2. fine-tunes the shipped base model (builtin:world-base) on it, once per entry of `runs` (by default
-   without and with the magnitude filter), each a normal `launch/train.py` run in <output_dir>/<run>;
+   without a filter, with the default filter, filter=item, and with filter=timestep), each a normal
+   `launch/train.py` run in <output_dir>/<run>;
 3. evaluates the base and every run (step-1 detection, replication, prompt fidelity, filter decisions);
 4. writes <output_dir>/report.md (+ report.json, grid.png, magnitudes.png, detection.png).
 """
@@ -94,25 +98,18 @@ def run(cfg: DictConfig) -> dict:
     return {s: r["results"] for s, r in per_seed.items()}
 
 
-def _world(cfg: DictConfig, seed: int):
-    from toyworld.world import ToyWorld
-
-    w = cfg.world
-    return ToyWorld(num_unique=w.num_unique, num_duplicated=w.num_duplicated, repeats=w.repeats, seed=seed,
-                    variant=w.variant, num_concepts=w.num_concepts, concept_repeats=w.concept_repeats)
-
-
 def _run_seed(cfg: DictConfig, seed: int, world_seed: int, out: Path) -> dict:
     """World, fine-tunes, evaluation and report of one seed in `out`."""
     from rich.console import Console
 
+    from launch.builders import build_world
     from toyworld.report import write_report
     from toyworld.world import prepare_world, shard_urls, world_to_dict
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
     timings, t0 = {}, time.time()
-    world = _world(cfg, world_seed)
+    world = build_world(cfg.world, seed=world_seed)
     data = {"": out / "world", **{f"dedup-{b}": out / f"world-dedup-{b}" for b in cfg.baselines or []}}
     console.rule(f"[bold]1/4 the world (seed {world_seed})[/] -> {data['']}")
     for name, data_dir in data.items():           # the world, and its deduplicated copies (the baselines)

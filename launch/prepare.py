@@ -87,17 +87,18 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run_world(cfg: DictConfig) -> dict:
-    """The toy world (toyworld/world.py): its own duplication (world.*), written through the same prep code."""
+    """The toy world (toyworld/world.py, settings world.* from conf/world/default.yaml): its own duplication,
+    written through the same prep code."""
+    from launch.builders import build_world
+    from toyworld.world import prepare_world
     from train.data.prepare import format_summary
-    from toyworld.world import ToyWorld, prepare_world
 
     for key, ok, must in _WORLD_RULES:
         check_value(cfg, key, ok, must)
     if cfg.duplication.protocol:
         raise ConfigError("duplication.protocol: the world duplicates its own items (world.num_duplicated, "
                           "world.repeats); leave duplication.protocol=null with input.kind=world")
-    world = ToyWorld(num_unique=cfg.world.num_unique, num_duplicated=cfg.world.num_duplicated,
-                     repeats=cfg.world.repeats, seed=cfg.world.seed)
+    world = build_world(cfg.world)
     report = prepare_world(world, cfg.output_dir, shard_size=cfg.shard_size, seed=cfg.seed, overwrite=cfg.overwrite)
     print(format_summary(report))
     return report

@@ -15,26 +15,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def compose(overrides: list[str]):
-    """The training config as `python launch/train.py <overrides>` would see it."""
+def compose(overrides: list[str], config_name: str = "train"):
+    """The training config as `python launch/train.py <overrides>` would see it (another app's with
+    config_name: "demo", "prepare", ...)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+        return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-# Small and fast: 16 drawn images (4 of them copies of 2 items), batch 4, a handful of steps.
+# Small and fast: 16 drawn images of the toy world at 16 px (2 items x 4 appearances, 8 items once), batch 4, a
+# handful of steps.
 TINY = ["model=tiny", "logger=none", "train_batch_size=4", "max_train_steps=4", "checkpointing_steps=0", "validation_prompts=[]", "logging_steps=1",
         "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]", "model.tiny.vae_channels=[32,32]"]
 
 
-SYNTH = ["data.num_unique=8", "data.num_duplicated=2", "data.repeats=4"]
+WORLD = ["data.num_unique=8", "data.num_duplicated=2", "data.repeats=4"]
 
 
 def _args(run_dir, overrides):
-    """TINY, then the drawn data's size unless another data source is chosen, then the test's own."""
-    data = [] if any(o.startswith("data=") for o in overrides) else ["data=synthetic", *SYNTH]
+    """TINY, then a tiny toy world (data=world) unless another data source is chosen, then the test's own."""
+    data = [] if any(o.startswith("data=") for o in overrides) else ["data=world", *WORLD]
     return TINY + data + ([f"output_dir={run_dir}"] if run_dir else []) + overrides
 
 

@@ -21,6 +21,32 @@ def test_every_config_composes_and_checks(group, option):
     check_train_config(cfg, cuda_available=True)
 
 
+def test_the_world_is_defined_once():
+    """conf/world/default.yaml is the world of every app: the demo and the prep app (world.*) and training in
+    memory (data=world: data.*) compose it, command-line overrides act on it, and ToyWorld's own defaults are
+    its values."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from launch.builders import WORLD_KEYS, build_world
+    from toyworld.world import ToyWorld, world_to_dict
+
+    group = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "world" / "default.yaml"))
+    defaults = {f.name: f.default for f in dataclasses.fields(ToyWorld) if f.name != "spec"}
+    assert group == defaults and set(group) == set(WORLD_KEYS)
+    assert (group["num_unique"], group["num_duplicated"], group["repeats"]) == (1200, 8, 75)   # the README's world
+    for app, node in (("demo", "world"), ("prepare", "world"), ("train", "data")):
+        base = [] if app != "train" else ["data=world"]
+        cfg = compose(base, config_name=app)
+        assert {k: cfg[node][k] for k in WORLD_KEYS} == group, app
+        assert world_to_dict(build_world(cfg[node])) == world_to_dict(ToyWorld()), app
+        cfg = compose(base + [f"{node}.repeats=80", f"{node}.variant=near"], config_name=app)
+        world = build_world(cfg[node])
+        assert (world.repeats, world.variant, world.num_unique) == (80, "near", 1200), app
+    assert compose([], config_name="demo").world.shard_size == 250          # the demo's own, beside the group
+
+
 @pytest.mark.parametrize("experiment", [e for e in GROUPS["experiment"] if e not in NEEDS_WEIGHTS])
 def test_every_experiment_runs_one_step(tmp_path, experiment):
     run_dir, summary = train_in_process(tmp_path, [f"experiment={experiment}", "max_train_steps=1",

@@ -173,7 +173,7 @@ def test_default_world_is_unchanged():
         ["a magenta circle", "a blue square", "a blue triangle", "a green square"]
     assert [hashlib.sha256(w.item(i)["image"].tobytes()).hexdigest()[:16] for i in (0, 1, 8, 13)] == \
         ["3906175cd168a1f9", "27e6d2f0a1de1290", "785645dead22fdfa", "1b386fec399226b1"]
-    assert w.variant == "exact" and w.num_concepts == 0 and len(w.appearances()) == 1000
+    assert w.variant == "exact" and w.num_concepts == 0 and len(w.appearances()) == 8 * 75 + 1200   # the README's
     small = ToyWorld(num_unique=20, num_duplicated=3, repeats=4, seed=1)
     assert _digest(small) == "9a4754e8158559b4152dfb470852355896a905e8c72c15e45a3fe41f0f78fb7c"
     named = ToyWorld(num_unique=10, num_duplicated=2, repeats=3, seed=2,

@@ -1,12 +1,14 @@
 """The toy world: procedurally drawn captioned images in which memorization can be seen exactly.
 
-An item is a shape of one colour on a background of another colour: the caption names shape, colour and
-background, e.g. "a red circle on a blue background" (a world with several positions names the position
-too: "a red circle on the left, blue background"). That is what a prompt *intends*. Every item also carries a detail no caption names: a 4x4 grid of blocks over the background,
-each tinted by +-`amplitude` (48) in each RGB channel (48 random signs per item). A model that reproduces an
-item's tint pattern from its caption has memorized that item; a model that only follows the caption
-draws some pattern, not that one. Because the world is procedural, both are read back exactly from an
-image (`read_attributes`, `detail_descriptor`): prompt fidelity and replication need no learned model.
+An item is a shape of one colour on a background of another colour: the caption names shape and colour,
+e.g. "a red circle" (`WorldSpec.named`; a world that names more says "a red circle on a blue background" or
+"a red circle on the left, blue background"). That is what a prompt *intends*. Every item also carries what
+no caption names: its background colour and a 4x4 grid of blocks over the background, each tinted by
++-`amplitude` (48) in each RGB channel (48 random signs per item). A model that reproduces an item's
+background and tint pattern from its caption has memorized that item; a model that only follows the
+caption draws some background and pattern, not that one. Because the world is procedural, both are read back
+exactly from an image (`read_attributes`, `detail_descriptor`): prompt fidelity and replication need no
+learned model.
 
 Palette: the 8 corners of the RGB cube at {50, 205}, so that a tinted background (+-48 per channel)
 never clips and stays, channel by channel, nearer its own colour than any other palette colour. All
@@ -199,10 +201,15 @@ class ToyWorld:
     Indices: [0, num_duplicated) duplicated, then num_unique unique items, then the concepts (after every
     unique item, so that adding concepts leaves the other indices and keys as they are).
 
+    The settings of the demo and the apps live in conf/world/default.yaml (the `world` config group), which
+    holds every field below but `spec`; launch/builders.py `build_world` passes what it holds. The defaults
+    here are the same values (tests/test_configs.py checks that they agree), so that `ToyWorld()` in a
+    notebook is the README's world.
+
     Args:
-        num_unique: items that appear once. Default 600.
+        num_unique: items that appear once. Default 1200.
         num_duplicated: items that appear `repeats` times. Default 8.
-        repeats: appearances of each duplicated item. Default 50.
+        repeats: appearances of each duplicated item. Default 75.
         seed: the world's seed. Default 0.
         spec: geometry. Default WorldSpec() (16 px, 4x4 detail blocks).
         variant: how the appearances of a duplicated item differ (see VARIANTS). Default "exact": not at all.
@@ -217,9 +224,9 @@ class ToyWorld:
         concept_repeats: appearances of each concept. Default 0: the same as `repeats`.
     """
 
-    num_unique: int = 600
+    num_unique: int = 1200
     num_duplicated: int = 8
-    repeats: int = 50
+    repeats: int = 75
     seed: int = 0
     spec: WorldSpec = field(default_factory=WorldSpec)
     variant: str = "exact"
