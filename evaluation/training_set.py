@@ -2,7 +2,7 @@
 
 A duplicated item appears many times in training (as copies with `#dup` keys, or as repeats of the
 drawn data); its image is embedded once, under its first key, with every caption the item carries.
-Works with map-style sources (imagefolder, hf, synthetic, duplicated wrappers) and with streaming
+Works with map-style sources (imagefolder, hf, the world, duplicated wrappers) and with streaming
 webdataset sources (through `iter_samples`).
 """
 from __future__ import annotations

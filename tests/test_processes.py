@@ -47,14 +47,14 @@ def _unet_weights(run_dir):
     return load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize("data", ["synthetic", "webdataset"])
+@pytest.mark.parametrize("data", ["world", "webdataset"])
 def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, data):
     """Kill -9 mid-run, resume from the last checkpoint: same weights and same per-sample decisions, bitwise."""
     common = ["max_train_steps=12", "checkpointing_steps=3", "checkpoints_total_limit=2", "records_flush_every=1",
               "gradient_accumulation_steps=2", "use_ema=true", "ema_decay=0.9", "filter=running_quantile",
               "filter.warmup=8", "filter.window=24", "filter.quantile=0.7", "proportion_empty_prompts=0.2",
               "optim.lr_scheduler=cosine", "optim.lr_warmup_steps=2"]
-    if data == "synthetic":     # 22 samples: 5 batches an epoch, so steps straddle epochs
+    if data == "world":         # 22 samples: 5 batches an epoch, so steps straddle epochs
         common += ["data.num_unique=12", "data.repeats=5"]
     else:                       # 7 shards x 5 = 35 samples: 8 batches an epoch over 2 workers, resumed mid-epoch
         pattern = write_shards(tmp_path / "shards", n_shards=7, per_shard=5)

@@ -29,20 +29,22 @@ def test_protect_matches_caption_patterns_keys_and_keep_lists(tmp_path):
 
 
 def test_protected_samples_are_kept_and_the_rest_still_filtered(tmp_path):
-    """A threshold below every magnitude drops everything but the protected captions (the synthetic data's
-    captions name the shape; 'circle' protects exactly the circles)."""
+    """A threshold below every magnitude drops everything but the protected captions (the world's captions name
+    the shape, "a red circle": the first sample's shape protects exactly the samples of that shape)."""
+    from launch.builders import build_dataset
+    from tests.conftest import _args, compose
+    data = build_dataset(compose(_args(None, [])).data, 16)
+    samples = [data[i] for i in range(len(data))]
+    caption = {s["key"]: s["caption"] for s in samples}
+    shape = samples[0]["meta"]["shape"]
     run_dir, summary = train_in_process(tmp_path, [
         "filter=fixed", "filter.threshold=1e-12", "proportion_empty_prompts=0", "max_train_steps=3",
-        "optim.lr_warmup_steps=0", "filter.protect.captions=[circle]"])
-    from launch.builders import build_dataset
-    from tests.conftest import compose, _args
-    data = build_dataset(compose(_args(None, [])).data, 16)
-    caption = {s["key"]: s["caption"] for s in (data[i] for i in range(len(data)))}
+        "optim.lr_warmup_steps=0", f"filter.protect.captions=[{shape}]"])
     rec = read_records(run_dir / "records").to_pandas()
-    circle = rec.key.map(lambda k: "circle" in caption[k])
-    assert circle.any() and (~circle).any()
-    assert rec.kept.tolist() == circle.tolist()                       # kept exactly when protected
-    assert summary["samples_kept"] == int(circle.sum())
+    protected = rec.key.map(lambda k: shape in caption[k])
+    assert protected.any() and (~protected).any()                     # both kinds were trained on
+    assert rec.kept.tolist() == protected.tolist()                    # kept exactly when protected
+    assert summary["samples_kept"] == int(protected.sum())
 
 
 def test_a_bad_protect_value_stops_the_run_at_start(tmp_path):

@@ -131,7 +131,12 @@ def test_filter_values_are_checked():
     with pytest.raises(ConfigError, match=r"filter\.statistic"):
         check_train_config(compose(["filter=timestep", "filter.statistic=mean"]), cuda_available=False)
     with pytest.raises(ConfigError, match=r"filter\.threshold"):
-        check_train_config(compose(["filter.threshold=0.9"]), cuda_available=False)       # caption: must be > 1
+        check_train_config(compose(["filter=caption", "filter.threshold=0.9"]), cuda_available=False)   # must be > 1
+
+
+def test_a_bad_world_value_stops_the_run_naming_the_data_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.variant='copies'"):
+        train_in_process(tmp_path, ["data.variant=copies"])
 
 
 def test_webdataset_run_reports_bad_samples(tmp_path):
