@@ -120,7 +120,7 @@ def train_vae(c: Components, args: BaseArgs, spec: WorldSpec) -> dict:
 @torch.no_grad()
 def base_fidelity(c: Components, spec: WorldSpec, n: int = 64, seed: int = 0, steps: int = 20,
                   guidance_scale: float = 7.5) -> dict:
-    """Share of generations for fresh captions that show each named attribute (and all four)."""
+    """Share of generations for fresh captions that show each named attribute (and all of them: "all")."""
     _, captions, attrs = _images(seed, "fresh", 10_000, n, spec)
     pipe = build_pipeline(c)
     pipe.set_progress_bar_config(disable=True)
