@@ -87,7 +87,7 @@ class NoFilter(FilterPolicy):
 
     name = "none"
 
-    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None):
+    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None):
         # everything, even a NaN magnitude (m is NaN when a plain fine-tune does not measure it)
         return torch.ones_like(magnitudes, dtype=torch.bool)
 
