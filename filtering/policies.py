@@ -399,7 +399,9 @@ class ItemEvidence(FilterPolicy):
        halves every `half_life` decisions), so the evidence follows the model as it trains;
     4. an item is flagged when its mean z is above `margin` with confidence: mean - z_crit / sqrt(n) >
        margin (one-sided, false-positive rate about 0.13% per look at z_crit 3 for an item whose true mean
-       is at the margin); it stays flagged while its mean stays above `margin` (hysteresis);
+       is at the margin); it stays flagged until its mean falls to `release` (hysteresis: by default until
+       the model has let go of it, its evidence back at the population's; releasing at the margin let a
+       flagged item be learned again for a quarter of its appearances in the toy world);
     5. a sample is dropped when any of its items is flagged. Dropped samples keep adding evidence (their m
        and loss are measured all the same), so a flagged item is released when the model lets go of it.
 
@@ -424,6 +426,7 @@ class ItemEvidence(FilterPolicy):
         capacity: items tracked at most. Default 100000.
         rare_count: an item whose decayed count is below this is "rarely seen" and enters the reference.
             Default 1.0.
+        release: a flagged item is released when its mean z falls to this (below `margin`). Default 0.0.
         group_by: the item ids of a sample: "image" (a perceptual hash of its pixels, so one image under many
             captions is one item, near copies mostly too) and/or "caption" (its caption's hash: only where a
             caption names one item; captions shared by many images make poor items). The first kind also
@@ -442,6 +445,7 @@ class ItemEvidence(FilterPolicy):
     warmup: int = 16
     capacity: int = 100_000
     rare_count: float = 1.0
+    release: float = 0.0
     group_by: tuple = ("image",)
     evidence: tuple = ("magnitude", "loss")
     name = "item"
@@ -452,6 +456,9 @@ class ItemEvidence(FilterPolicy):
         item_groups(self.group_by, [], torch.zeros(0, 3, 8, 8))          # validate the kinds
         if not self.evidence or not set(self.evidence) <= {"magnitude", "loss"}:
             raise ValueError(f"filter.evidence={list(self.evidence)}: choose magnitude and/or loss")
+        if self.release > self.margin:
+            raise ValueError(f"filter.release={self.release} > filter.margin={self.margin}: an item would be "
+                             "released as soon as it is flagged; set release <= margin")
         self._wins = [[_Window(self.window) for _ in range(self.num_buckets)] for _ in self.evidence]
         self._items: OrderedDict[int, list] = OrderedDict()   # id -> [sum z, count, last call, flagged], LRU order
         self._calls = 0
@@ -504,7 +511,7 @@ class ItemEvidence(FilterPolicy):
         if row[1] > 0:
             mean = row[0] / row[1]
             if row[3]:
-                row[3] = float(mean > self.margin)
+                row[3] = float(mean > self.release)
             elif row[1] >= self.min_count:
                 row[3] = float(mean - self.z_crit / math.sqrt(row[1]) > self.margin)
         return bool(row[3])

@@ -115,7 +115,8 @@ _FILTER_RULES = {
          "a non-empty list of caption and/or image, e.g. filter.group_by=[caption,image]"),
         ("evidence", lambda v: isinstance(v, (list, ListConfig)) and len(v) >= 1 and set(v) <= {"magnitude", "loss"},
          "a non-empty list of magnitude and/or loss, e.g. filter.evidence=[magnitude,loss]"),
-        ("rare_count", lambda v: _is_num(v) and v > 0, "a number > 0, e.g. filter.rare_count=1")],
+        ("rare_count", lambda v: _is_num(v) and v > 0, "a number > 0, e.g. filter.rare_count=1"),
+        ("release", _is_num, "a number <= filter.margin, e.g. filter.release=0")],
     "none": [],
 }
 
@@ -142,6 +143,9 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if protect.get("keep_list") and not Path(str(protect["keep_list"])).is_file():
         raise ConfigError(f"filter.protect.keep_list={protect['keep_list']!r}: no such file; give a text file "
                           "with one key per line or a Parquet file with a `key` column")
+    if name == "item" and cfg.filter.release > cfg.filter.margin:
+        raise ConfigError(f"filter.release={cfg.filter.release} > filter.margin={cfg.filter.margin}: a flagged item "
+                          "would be released at once; set filter.release <= filter.margin, e.g. 0")
     if name in ("running_quantile", "timestep", "caption", "item") and cfg.filter.warmup > cfg.filter.window:
         raise ConfigError(f"filter.warmup={cfg.filter.warmup} > filter.window={cfg.filter.window}: the filter would "
                           "never start; lower filter.warmup or raise filter.window")

@@ -112,6 +112,11 @@ def test_demo_over_seeds_reports_spread_dedup_baselines_and_protected_concepts(t
         concept = ToyWorld.item_of_keys(rec.key) == world.concept_indices()[0]
         assert concept.any() and rec.kept[concept].all()
     assert data["table"]["unfiltered"]["concepts reproduced"]["mean"] is not None
+    # seeds run apart, then aggregated: reuse_reports reads each seed's report back, trains and evaluates nothing
+    (out / "seed-4" / "protected" / "records").rename(out / "records-moved")      # would fail a re-evaluation
+    proc = run_cmd(cmd + ["reuse_reports=true"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fine-tune" not in proc.stdout and json.loads((out / "report.json").read_text())["table"] == data["table"]
 
 
 def test_build_world_base_writes_a_loadable_pipeline(tmp_path, one_thread):

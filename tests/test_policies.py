@@ -574,3 +574,22 @@ def test_item_groups_caption_and_image_ids_survive_the_float_gather():
     assert torch.equal((halves[:, :2].long() << 24) | halves[:, 2:].long(), groups)
     with pytest.raises(ValueError, match="group_by"):
         item_groups(("text",), ["a"], a)
+
+
+def test_item_policy_holds_a_flagged_item_until_its_evidence_falls_to_release():
+    """Hysteresis: flagged above margin with confidence, released only at `release` (the population's level)."""
+    def run(release):
+        p = _item_policy(evidence=("magnitude",), release=release, num_buckets=1, half_life=5, min_count=4)
+        g = torch.Generator().manual_seed(0)
+        held = []
+        for step in range(60):
+            image = torch.cat([torch.ones(4, dtype=torch.long), 100 + step * 60 + torch.arange(60)])
+            m = torch.exp(0.1 * torch.randn(64, generator=g))
+            m[:4] *= 2.0 if step < 20 else 1.03           # stands out, then only slightly above (z ~0.3)
+            held.append(not p.decide(m, torch.full((64,), 900), groups=image[:, None])[:4].any())
+        return held
+    at_zero, at_margin = run(0.0), run(0.5)
+    assert any(at_zero[:20]) and all(at_zero[45:])         # still held at z ~0.5 > release 0
+    assert any(at_margin[:20]) and not any(at_margin[45:])  # released once it fell to the margin
+    with pytest.raises(ValueError, match="release"):
+        _item_policy(release=1.0, margin=0.5)
