@@ -29,6 +29,7 @@ _RULES = [
     ("shard_size", lambda v: is_int(v) and v >= 1, "an integer >= 1, e.g. shard_size=1000"),
     ("resize", lambda v: v is None or (is_int(v) and v >= 8), "null or an integer >= 8, e.g. resize=512"),
     ("near_dup_threshold", lambda v: is_int(v) and 0 <= v <= 64, "an integer in [0, 64]"),
+    ("dedup", lambda v: v in ("none", "exact", "near"), "none, exact or near"),
     ("num_workers", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     ("duplication.protocol", lambda v: v in (None, "wen", "somepalli"), "null, wen or somepalli"),
     ("duplication.mode", lambda v: v in ("image_and_caption", "image_only"), "image_and_caption or image_only"),
@@ -80,7 +81,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"duplication: {e}") from None
     report = prepare(source, cfg.output_dir, shard_size=cfg.shard_size, resize=cfg.resize, plan=plan,
                      captions=captions, near_dup_threshold=cfg.near_dup_threshold, seed=cfg.seed,
-                     num_workers=cfg.num_workers, overwrite=cfg.overwrite,
+                     num_workers=cfg.num_workers, overwrite=cfg.overwrite, dedup=cfg.dedup,
                      input_info={"kind": cfg.input.kind, "path": str(cfg.input.path)})
     print(format_summary(report))
     return report
@@ -99,7 +100,8 @@ def _run_world(cfg: DictConfig) -> dict:
         raise ConfigError("duplication.protocol: the world duplicates its own items (world.num_duplicated, "
                           "world.repeats); leave duplication.protocol=null with input.kind=world")
     world = build_world(cfg.world)
-    report = prepare_world(world, cfg.output_dir, shard_size=cfg.shard_size, seed=cfg.seed, overwrite=cfg.overwrite)
+    report = prepare_world(world, cfg.output_dir, shard_size=cfg.shard_size, seed=cfg.seed, overwrite=cfg.overwrite,
+                           dedup=cfg.dedup)
     print(format_summary(report))
     return report
 

@@ -230,3 +230,27 @@ def test_app_runs_end_to_end(tmp_path):
     assert (np.minimum(manifest.width, manifest.height) == 32).all()
     proc = run_cmd(cmd, timeout=120)                            # output exists: refused, names the fix
     assert proc.returncode == 2 and "overwrite=true" in proc.stderr
+
+
+@pytest.mark.parametrize("variant", ["exact", "near"])
+def test_dedup_baselines_skip_exact_and_near_copies_and_count_them(tmp_path, variant):
+    """dedup=exact drops byte-identical copies only; dedup=near also the near copies sha256 misses; every skipped
+    appearance is counted by reason, and what is written plus what was skipped is every appearance."""
+    import pyarrow.parquet as pq
+
+    from toyworld.world import ToyWorld, prepare_world
+
+    world = ToyWorld(num_unique=12, num_duplicated=2, repeats=5, seed=1, variant=variant)
+    total = 12 + 2 * 5
+    written = {}
+    for mode in ("none", "exact", "near"):
+        report = prepare_world(world, tmp_path / mode, shard_size=8, dedup=mode, progress=False)
+        manifest = pq.read_table(tmp_path / mode / "manifest.parquet").to_pandas()
+        skipped = sum(report["dedup"]["skipped"].values())
+        assert len(manifest) + skipped == total and report["dedup"]["mode"] == mode
+        written[mode] = manifest
+    dup = lambda m: m[m.dup_group >= 0]  # noqa: E731
+    assert len(dup(written["none"])) == 10
+    assert len(dup(written["near"])) == 2                                   # one copy of each duplicated item
+    assert len(dup(written["exact"])) == (2 if variant == "exact" else 10)  # near copies differ in bytes
+    assert written["exact"].sha256.is_unique
