@@ -91,12 +91,25 @@ def run(cfg: DictConfig) -> dict:
     OmegaConf.save(cfg, out / "demo_config.yaml", resolve=True)
     if cfg.seeds is None:
         return _run_seed(cfg, int(cfg.seed), int(cfg.world.seed), out)["results"]
-    per_seed = {int(s): _run_seed(cfg, int(s), int(s), out / f"seed-{s}") for s in cfg.seeds}
+    per_seed = {int(s): _read_seed(out / f"seed-{s}", list(cfg.runs)) if cfg.reuse_reports else None
+                for s in cfg.seeds}
+    per_seed = {s: r or _run_seed(cfg, s, s, out / f"seed-{s}") for s, r in per_seed.items()}
     names = list(cfg.runs)
     path = write_seeds_report(per_seed, out, unfiltered=names[0], filtered=names[1])
     _print_seeds(path)
     return {s: r["results"] for s, r in per_seed.items()}
 
+
+
+def _read_seed(seed_dir: Path, runs: list[str]) -> dict | None:
+    """A finished seed's numbers from its report.json (reuse_reports=true), or None when it lacks a run."""
+    path = seed_dir / "report.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if not set(runs) <= set(data.get("results", {})):
+        return None
+    return {"results": data["results"], "runs": data["runs"], "world": data["world"]}
 
 def _run_seed(cfg: DictConfig, seed: int, world_seed: int, out: Path) -> dict:
     """World, fine-tunes, evaluation and report of one seed in `out`."""
