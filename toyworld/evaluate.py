@@ -132,6 +132,22 @@ def filter_decisions(records_dir: str | Path, world: ToyWorld, num_phases: int =
     return out
 
 
+def _generation_rows(pipe, world: ToyWorld, settings: WorldEvalSettings, sets) -> list[dict]:
+    """One row per generation of every (set name, items, prompts, images per prompt): the image, its detail
+    descriptor and its fidelity to what the prompt names (a concept intends its own item)."""
+    spec, rows = world.spec, []
+    for set_name, items, prompts, n in sets:
+        gens = _generate(pipe, prompts, n, settings, spec.resolution) if prompts else []
+        for item, prompt, images in zip(items, prompts, gens):
+            attrs = parse_caption(prompt) or world.item(item)["attrs"]
+            item_image = Image.fromarray(world.item(item)["image"])
+            for j, im in enumerate(images):
+                rows.append({"set": set_name, "item": item, "prompt": prompt, "image_index": j, "image": im,
+                             "item_image": item_image, "desc": detail_descriptor(im, spec),
+                             **{f"fid_{k}": v for k, v in fidelity(im, attrs, spec).items()}})
+    return rows
+
+
 def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEvalSettings(),
                    records_dir: str | Path | None = None, bar: dict | None = None,
                    train: tuple | None = None) -> dict:
@@ -165,22 +181,11 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
                scores_duplicated=scores[:len(dup_prompts)].tolist(), scores_unique=scores[len(dup_prompts):].tolist())
     det.pop("roc", None)
 
-    concepts = world.concept_indices()
-    rows = []
-    for set_name, items, prompts, n in (("duplicated", list(range(world.num_duplicated)), dup_prompts,
-                                         settings.num_images_per_prompt),
-                                        ("unique", uniq_items, uniq_prompts, settings.unique_images),
-                                        ("concept", concepts, [world.item(i)["caption"] for i in concepts],
-                                         settings.num_images_per_prompt)):
-        gens = _generate(pipe, prompts, n, settings, res) if prompts else []
-        for item, prompt, images in zip(items, prompts, gens):
-            attrs = parse_caption(prompt) or world.item(item)["attrs"]     # a concept intends its own item
-            item_image = Image.fromarray(world.item(item)["image"])
-            for j, im in enumerate(images):
-                rows.append({"set": set_name, "item": item, "prompt": prompt, "image_index": j, "image": im,
-                             "item_image": item_image,
-                             "desc": detail_descriptor(im, spec), **{f"fid_{k}": v for k, v in
-                                                                     fidelity(im, attrs, spec).items()}})
+    sets = (("duplicated", list(range(world.num_duplicated)), dup_prompts, settings.num_images_per_prompt),
+            ("unique", uniq_items, uniq_prompts, settings.unique_images),
+            ("concept", world.concept_indices(), [world.item(i)["caption"] for i in world.concept_indices()],
+             settings.num_images_per_prompt))
+    rows = _generation_rows(pipe, world, settings, sets)
     q = _normalise(np.stack([r["desc"] for r in rows]))
     sims, nn = nearest_neighbours(q, train_desc, k=1)
     own = {i: k for k, i in enumerate(train_idx)}
