@@ -385,34 +385,37 @@ class ItemEvidence(FilterPolicy):
     item and compared with the population at the same moment, never with the item's own past (an item whose
     signals drift with the rest of the model is not memorized; one that stands out from the rest is):
 
-    1. reference: per timestep bucket, the median and the robust spread (1.4826 MAD) of each signal over
-       the last `window` samples of items *rarely seen lately* (decayed count < `rare_count`: unique items,
-       and every item at its first appearance), before this batch. Repeated items never enter it, so a
-       large duplicated share cannot drag the reference along (probe: with 33% duplicated draws, an
-       all-sample median hid them);
-    2. per sample at t >= `min_timestep`: z = the mean over the `evidence` signals of (x - median_b) /
-       spread_b, times sqrt(#signals), about N(0, 1) for an ordinary sample. Signals: "magnitude" (log m,
-       Wen et al.'s text-conditional magnitude at the training x_t) and "loss" (minus the log of the sample's
-       training loss: the model denoising this very image better than fresh ones, which in the toy world
-       shows from step ~50 while the magnitude at training points separates from step ~200);
-    3. per item id (see `group_by`): the decayed sum of z and the decayed count n of its appearances (each
-       halves every `half_life` decisions), so the evidence follows the model as it trains;
-    4. an item is flagged when its mean z is above `margin` with confidence: mean - z_crit / sqrt(n) >
-       margin (one-sided, false-positive rate about 0.13% per look at z_crit 3 for an item whose true mean
-       is at the margin); it stays flagged until its mean falls to `release` (hysteresis: by default until
-       the model has let go of it, its evidence back at the population's; releasing at the margin let a
-       flagged item be learned again for a quarter of its appearances in the toy world);
-    5. a sample is dropped when any of its items is flagged. Dropped samples keep adding evidence (their m
-       and loss are measured all the same), so a flagged item is released when the model lets go of it.
+    1. reference: per timestep bucket, the last `window` values of each signal over samples of items *rarely
+       seen lately* (decayed count < `rare_count`: unique items, and every item at its first appearance),
+       before this batch. Repeated items never enter it, so a large duplicated share cannot drag it along;
+    2. per sample and signal, z = the normal quantile of the sample's rank within its bucket's reference
+       (exactly N(0, 1)-distributed for an ordinary sample whatever the signal's shape; bounded, so one
+       outlier cannot carry an item), minus the mean z of this batch's rarely-seen samples: the population
+       *now*, which removes the lag of the window while the model moves (in the toy world, fresh items'
+       loss rises during the learning-rate warm-up and the lag alone put them 0.26 below the reference).
+       Signals: "loss" (minus the log of the sample's training loss: the model denoising this very image
+       better than fresh ones, the earliest sign, from step ~25 in the toy world) and "magnitude" (log m,
+       Wen et al.'s text-conditional magnitude at the training x_t, which separates later but also marks
+       content the base model memorized before fine-tuning);
+    3. per item id (see `group_by`): per signal the decayed sum of z, and the decayed count n of its
+       appearances (each halves every `half_life` decisions), so the evidence follows the model as it trains;
+    4. an item is flagged when, for any signal, its mean z is above `margin` with confidence: mean -
+       z_crit / sqrt(n) > margin (one-sided; about 0.13% per look and signal at z_crit 3 for an item whose
+       true mean is at the margin). A flagged item stays flagged (by default: an item the model singles
+       out once will be learned again as soon as it is let back, and the toy world's replication came from
+       items let back) or, with `release` set, until its evidence falls to `release` for every signal;
+    5. a sample is dropped when any of its items is flagged. Dropped samples keep adding evidence.
 
     An item seen once (a unique image) never gathers `min_count` appearances within a half-life: only items
     that repeat can be flagged, and only those the model treats differently from fresh ones. The state is
     bounded: at most `capacity` items, least recently seen evicted first (an evicted item starts again from
-    no evidence); each tracked item costs 40 bytes in a checkpoint (id and four float64: sum, count, last
-    decision, flag) and about 250 bytes of Python objects in memory (100k items: ~4 MB and ~25 MB).
+    no evidence); each tracked item costs 8 * (4 + #signals) bytes in a checkpoint (id, count, last
+    decision, flag and one sum per signal: 48 bytes with two signals) and about 300 bytes of Python objects
+    in memory (100k items: ~5 MB and ~30 MB).
 
     Args:
-        margin: mean z (in units of the per-sample spread) above which an item stands out. Default 0.5.
+        margin: mean z (in units of the per-sample spread) above which an item stands out. Default 0.0:
+            any confident excess over fresh items.
         z_crit: confidence multiplier of the test. Default 3.0.
         min_count: appearances (decayed) an item needs before it can be flagged. Default 8.
         half_life: decisions (global micro-batches) after which old evidence weighs half. Default 50.
@@ -420,21 +423,21 @@ class ItemEvidence(FilterPolicy):
             Default 0.
         num_buckets: equal timestep buckets of the reference. Default 10.
         num_train_timesteps: the noise scheduler's num_train_timesteps. Default 1000.
-        window: reference samples per bucket; short, so that the reference is the model *now* (64 at
-            batch 32 is ~30 steps). Default 64.
+        window: reference samples per bucket; short, so that the reference is the model *now*. Default 64.
         warmup: reference samples a bucket needs before its samples add evidence. Default 16.
         capacity: items tracked at most. Default 100000.
         rare_count: an item whose decayed count is below this is "rarely seen" and enters the reference.
             Default 1.0.
-        release: a flagged item is released when its mean z falls to this (below `margin`). Default 0.0.
+        release: None (a flagged item stays flagged) or the mean z (<= `margin`) at which it is released.
+            Default None.
         group_by: the item ids of a sample: "image" (a perceptual hash of its pixels, so one image under many
             captions is one item, near copies mostly too) and/or "caption" (its caption's hash: only where a
             caption names one item; captions shared by many images make poor items). The first kind also
             decides rarity. Default ("image",).
-        evidence: the signals, "magnitude" and/or "loss". Default ("magnitude", "loss").
+        evidence: the signals, "loss" and/or "magnitude". Default ("loss", "magnitude").
     """
 
-    margin: float = 0.5
+    margin: float = 0.0
     z_crit: float = 3.0
     min_count: float = 8.0
     half_life: float = 50.0
@@ -445,9 +448,9 @@ class ItemEvidence(FilterPolicy):
     warmup: int = 16
     capacity: int = 100_000
     rare_count: float = 1.0
-    release: float = 0.0
+    release: float | None = None
     group_by: tuple = ("image",)
-    evidence: tuple = ("magnitude", "loss")
+    evidence: tuple = ("loss", "magnitude")
     name = "item"
     uses_groups = True
 
@@ -456,11 +459,11 @@ class ItemEvidence(FilterPolicy):
         item_groups(self.group_by, [], torch.zeros(0, 3, 8, 8))          # validate the kinds
         if not self.evidence or not set(self.evidence) <= {"magnitude", "loss"}:
             raise ValueError(f"filter.evidence={list(self.evidence)}: choose magnitude and/or loss")
-        if self.release > self.margin:
+        if self.release is not None and self.release > self.margin:
             raise ValueError(f"filter.release={self.release} > filter.margin={self.margin}: an item would be "
-                             "released as soon as it is flagged; set release <= margin")
+                             "released as soon as it is flagged; set release <= margin, or null to hold it")
         self._wins = [[_Window(self.window) for _ in range(self.num_buckets)] for _ in self.evidence]
-        self._items: OrderedDict[int, list] = OrderedDict()   # id -> [sum z, count, last call, flagged], LRU order
+        self._items: OrderedDict[int, list] = OrderedDict()   # id -> [count, last call, flag, sum z per signal]
         self._calls = 0
         self._decay = 0.5 ** (1.0 / self.half_life)
 
@@ -468,53 +471,56 @@ class ItemEvidence(FilterPolicy):
     def uses_losses(self) -> bool:
         return "loss" in self.evidence
 
-    def _reference(self, wins: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per bucket: median and robust spread of a window's values (NaN while the bucket warms up)."""
-        med = torch.full((self.num_buckets,), float("nan"))
-        spread = torch.full((self.num_buckets,), float("nan"))
-        for b, w in enumerate(wins):
-            if len(w) >= self.warmup:
-                med[b] = w.values.median()
-                spread[b] = MAD_TO_STD * (w.values - med[b]).abs().median()
-        return med, spread
+    def _zscores(self, x: torch.Tensor, buckets: torch.Tensor, wins: list) -> torch.Tensor:
+        """[N] the normal quantile of each value's mid-rank within its bucket's reference (NaN while the bucket
+        warms up)."""
+        z = torch.full((x.shape[0],), float("nan"))
+        for b in buckets.unique().tolist():
+            ref = wins[b].values
+            if ref.numel() < self.warmup:
+                continue
+            sel = buckets == b
+            xs = x[sel].float()[:, None]
+            u = ((xs > ref).sum(1) + 0.5 * (xs == ref).sum(1) + 0.5) / (ref.numel() + 1)
+            z[sel] = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
+        return z
 
-    def _zscores(self, signals: list[torch.Tensor], buckets: torch.Tensor) -> torch.Tensor:
-        """[N] evidence: the mean of each signal's z against its reference, times sqrt(#signals) (N(0, 1) for an
-        ordinary sample when the signals are independent). Signals point up: log m, and -log loss."""
-        z = torch.zeros(buckets.shape[0])
-        for x, wins in zip(signals, self._wins):
-            med, spread = self._reference(wins)
-            z += (x - med[buckets]) / spread[buckets].clamp_min(1e-6)
-        return z / math.sqrt(len(signals))
+    def _rare(self, ids: list) -> torch.Tensor:
+        """[N] whether each sample's first item is rarely seen: before this batch, and not earlier in it."""
+        rare, seen = [], set()
+        for row in ids:
+            rare.append(row[0] not in seen and self._seen(row[0]) < self.rare_count)
+            seen.add(row[0])
+        return torch.tensor(rare, dtype=torch.bool)
 
     def _seen(self, gid: int) -> float:
         """Decayed count of item `gid`'s appearances so far (0 for an item not tracked)."""
         row = self._items.get(gid)
-        return 0.0 if row is None else row[1] * self._decay ** (self._calls - row[2])
+        return 0.0 if row is None else row[0] * self._decay ** (self._calls - row[1])
 
-    def _update(self, gid: int, z: float | None) -> bool:
-        """Add one appearance (with evidence z, or none) to item `gid`; returns whether it is flagged."""
+    def _update(self, gid: int, z: list | None) -> bool:
+        """Add one appearance (with per-signal evidence z, or none) to item `gid`; returns whether it is
+        flagged."""
         row = self._items.get(gid)
         if row is None:
             if z is None:
                 return False
-            row = self._items[gid] = [0.0, 0.0, self._calls, 0.0]
+            row = self._items[gid] = [0.0, self._calls, 0.0] + [0.0] * len(self.evidence)
             if len(self._items) > self.capacity:
                 self._items.popitem(last=False)            # the least recently seen item
         else:
             self._items.move_to_end(gid)
-        f = self._decay ** (self._calls - row[2])
-        row[0], row[1], row[2] = row[0] * f, row[1] * f, self._calls
-        if z is not None:
-            row[0] += z
-            row[1] += 1.0
-        if row[1] > 0:
-            mean = row[0] / row[1]
-            if row[3]:
-                row[3] = float(mean > self.release)
-            elif row[1] >= self.min_count:
-                row[3] = float(mean - self.z_crit / math.sqrt(row[1]) > self.margin)
-        return bool(row[3])
+        f = self._decay ** (self._calls - row[1])
+        row[0], row[1] = row[0] * f, self._calls
+        row[3:] = [s * f + (z[k] if z is not None else 0.0) for k, s in enumerate(row[3:])]
+        row[0] += z is not None
+        if row[0] > 0:
+            means = [s / row[0] for s in row[3:]]
+            if row[2]:
+                row[2] = float(self.release is None or max(means) > self.release)
+            elif row[0] >= self.min_count:
+                row[2] = float(max(means) - self.z_crit / math.sqrt(row[0]) > self.margin)
+        return bool(row[2])
 
     def _decide(self, m, t, g, losses=None):
         if t is None:
@@ -524,16 +530,15 @@ class ItemEvidence(FilterPolicy):
         buckets = (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
         signals = [m.clamp_min(1e-12).log() if e == "magnitude" else -losses.clamp_min(1e-12).log()
                    for e in self.evidence]
-        z = self._zscores(signals, buckets)
-        usable = (t >= self.min_timestep) & torch.isfinite(z)
+        ids = g.tolist()
+        rare = self._rare(ids)
+        z = torch.stack([self._zscores(x, buckets, wins) for x, wins in zip(signals, self._wins)], 1)  # [N, S]
+        now = rare[:, None] & torch.isfinite(z)
+        z = z - torch.where(now, z, 0.0).sum(0) / now.sum(0).clamp_min(1)   # the population at this step
+        usable = (t >= self.min_timestep) & torch.isfinite(z).all(1)
         keep = torch.ones_like(m, dtype=torch.bool)
-        rare = torch.zeros_like(m, dtype=torch.bool)
-        zs, ok, ids = z.tolist(), usable.tolist(), g.tolist()
-        for i in range(m.numel()):                     # in batch order: the same on every rank
-            rare[i] = self._seen(ids[i][0]) < self.rare_count
-            zi = zs[i] if ok[i] else None
-            flagged = [self._update(gid, zi) for gid in ids[i] if gid]
-            keep[i] = not any(flagged)
+        for i, (zi, ok) in enumerate(zip(z.tolist(), usable.tolist())):   # in batch order: the same on every rank
+            keep[i] = not any([self._update(gid, zi if ok else None) for gid in ids[i] if gid])
         for x, wins in zip(signals, self._wins):        # the reference: items the model has rarely seen lately
             for b in buckets.unique().tolist():
                 wins[b].add(x[(buckets == b) & rare])
@@ -542,16 +547,20 @@ class ItemEvidence(FilterPolicy):
     def thresholds(self):
         if not self._items:
             return {}
-        rows = torch.tensor(list(self._items.values()), dtype=torch.float64)
-        return {"items_tracked": float(rows.shape[0]), "items_flagged": float(rows[:, 3].sum())}
+        flags = [row[2] for row in self._items.values()]
+        return {"items_tracked": float(len(flags)), "items_flagged": float(sum(flags))}
 
     def state_dict(self):
         ids = list(self._items)                         # LRU order: eviction resumes exactly
-        rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, 4)
+        rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, 3 + len(self.evidence))
         return {"values": [w.values.clone() for wins in self._wins for w in wins],
                 "item_ids": torch.tensor(ids, dtype=torch.long), "item_state": rows, "calls": self._calls}
 
     def load_state_dict(self, state):
+        width = 3 + len(self.evidence)
+        if state["item_state"].shape[-1] != width:
+            raise ValueError(f"checkpoint's item filter state has {state['item_state'].shape[-1] - 3} signals, "
+                             f"config filter.evidence={list(self.evidence)} has {len(self.evidence)}")
         flat = [w for wins in self._wins for w in wins]
         _restore_windows(flat, state["values"])
         self._items = OrderedDict((int(i), [float(x) for x in row])

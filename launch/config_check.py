@@ -102,7 +102,7 @@ _FILTER_RULES = {
         ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1")],
     "item": [
-        ("margin", lambda v: _is_num(v) and v >= 0, "a number >= 0, e.g. filter.margin=0.5"),
+        ("margin", lambda v: _is_num(v) and v >= 0, "a number >= 0, e.g. filter.margin=0"),
         ("z_crit", lambda v: _is_num(v) and v >= 0, "a number >= 0, e.g. filter.z_crit=3"),
         ("min_count", lambda v: _is_num(v) and v >= 1, "a number >= 1, e.g. filter.min_count=8"),
         ("half_life", lambda v: _is_num(v) and v > 0, "a number > 0 (decisions), e.g. filter.half_life=50"),
@@ -116,7 +116,7 @@ _FILTER_RULES = {
         ("evidence", lambda v: isinstance(v, (list, ListConfig)) and len(v) >= 1 and set(v) <= {"magnitude", "loss"},
          "a non-empty list of magnitude and/or loss, e.g. filter.evidence=[magnitude,loss]"),
         ("rare_count", lambda v: _is_num(v) and v > 0, "a number > 0, e.g. filter.rare_count=1"),
-        ("release", _is_num, "a number <= filter.margin, e.g. filter.release=0")],
+        ("release", lambda v: v is None or _is_num(v), "null (hold a flagged item) or a number <= filter.margin")],
     "none": [],
 }
 
@@ -143,7 +143,7 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if protect.get("keep_list") and not Path(str(protect["keep_list"])).is_file():
         raise ConfigError(f"filter.protect.keep_list={protect['keep_list']!r}: no such file; give a text file "
                           "with one key per line or a Parquet file with a `key` column")
-    if name == "item" and cfg.filter.release > cfg.filter.margin:
+    if name == "item" and cfg.filter.release is not None and cfg.filter.release > cfg.filter.margin:
         raise ConfigError(f"filter.release={cfg.filter.release} > filter.margin={cfg.filter.margin}: a flagged item "
                           "would be released at once; set filter.release <= filter.margin, e.g. 0")
     if name in ("running_quantile", "timestep", "caption", "item") and cfg.filter.warmup > cfg.filter.window:

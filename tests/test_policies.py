@@ -554,7 +554,7 @@ def test_item_policy_state_stays_bounded_on_a_million_distinct_captions():
     state = p.state_dict()
     assert len(p._items) == capacity == state["item_ids"].numel()
     item_bytes = state["item_ids"].numel() * 8 + state["item_state"].numel() * state["item_state"].element_size()
-    assert item_bytes == capacity * 40                                       # 8 (id) + 4 x 8 per tracked item
+    assert item_bytes == capacity * 40                    # 8 (id) + 8 x (count, last, flag, one sum per signal)
     assert int(state["item_ids"][-1]) == 2 * (n - 1) + 1                      # the newest stay, the oldest left
 
 
@@ -576,10 +576,11 @@ def test_item_groups_caption_and_image_ids_survive_the_float_gather():
         item_groups(("text",), ["a"], a)
 
 
-def test_item_policy_holds_a_flagged_item_until_its_evidence_falls_to_release():
-    """Hysteresis: flagged above margin with confidence, released only at `release` (the population's level)."""
+def test_item_policy_holds_a_flagged_item_by_default_or_until_its_evidence_falls_to_release():
+    """A flagged item stays flagged (release null); with `release` set, it is let back once its evidence fell."""
     def run(release):
-        p = _item_policy(evidence=("magnitude",), release=release, num_buckets=1, half_life=5, min_count=4)
+        p = _item_policy(evidence=("magnitude",), release=release, margin=0.5, num_buckets=1, half_life=5,
+                         min_count=4)
         g = torch.Generator().manual_seed(0)
         held = []
         for step in range(60):
@@ -588,8 +589,31 @@ def test_item_policy_holds_a_flagged_item_until_its_evidence_falls_to_release():
             m[:4] *= 2.0 if step < 20 else 1.03           # stands out, then only slightly above (z ~0.3)
             held.append(not p.decide(m, torch.full((64,), 900), groups=image[:, None])[:4].any())
         return held
-    at_zero, at_margin = run(0.0), run(0.5)
-    assert any(at_zero[:20]) and all(at_zero[45:])         # still held at z ~0.5 > release 0
+    never, at_zero, at_margin = run(None), run(0.0), run(0.5)
+    assert any(never[:20]) and all(never[never.index(True):])  # once flagged, held to the end
+    assert any(at_zero[:20]) and all(at_zero[45:])         # still held at z ~0.3 > release 0
     assert any(at_margin[:20]) and not any(at_margin[45:])  # released once it fell to the margin
     with pytest.raises(ValueError, match="release"):
         _item_policy(release=1.0, margin=0.5)
+
+
+def test_item_policy_compares_with_the_population_now_not_with_its_lagging_window():
+    """While the model moves fast (every loss falling 7% a step), the reference window lags behind the
+    population: against the window alone, every repeated item would look memorized. The batch's fresh samples
+    put the reference back to now: ordinary repeated items are kept, the one that stands out is not."""
+    p = _item_policy(evidence=("loss",), z_crit=4.0)
+    g = torch.Generator().manual_seed(2)
+    dropped, lag = torch.zeros(7), []
+    for step in range(80):
+        image = 10_000 + step * 64 + torch.arange(64)
+        image[:12] = torch.randint(1, 7, (12,), generator=g)          # images 1..6 repeat, 2 a step each
+        t = torch.randint(0, 1000, (64,), generator=g)
+        loss = 0.93 ** step * (0.2 - 0.15 * t.float() / 1000) * torch.exp(0.3 * torch.randn(64, generator=g))
+        loss = torch.where(image == 1, 0.7 * loss, loss)              # image 1: denoised better than the rest
+        buckets = t * 4 // 1000
+        if step > 20:                                                 # fresh samples against the window alone
+            lag.append(p._zscores(-loss.log(), buckets, p._wins[0])[12:].nanmean())
+        keep = p.decide(torch.ones(64), t, groups=image[:, None], losses=loss)
+        dropped.index_add_(0, image[:12].clamp(max=6), (~keep[:12]).float())
+    assert torch.stack(lag).mean() > 0.4     # the window lags: enough to flag any item seen 100 times (4/sqrt(100))
+    assert dropped[1] > 0 and dropped[2:].sum() == 0
