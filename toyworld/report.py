@@ -43,7 +43,7 @@ def targets(results: dict, unfiltered: str, filtered: str) -> list[dict]:
         {"target": f"step-1 detection AUC >= 0.95 ({unfiltered}, duplicated vs unique captions)",
          "value": _f(u["detection"]["auc"]), "met": u["detection"]["auc"] >= 0.95},
         {"target": f"{filtered} replicates duplicated prompts at most 2x the base model or 20x less than {unfiltered}",
-         "value": f"base {_pct(base)}; {_pct(ru)} -> {_pct(rf)} ({'inf' if rf == 0 else f'{ratio:.1f}'}x)",
+         "value": f"base {_pct(base)}; {_pct(ru)} -> {_pct(rf)} ({'none left' if rf == 0 else f'{ratio:.1f}x'})",
          "met": rep_ok},
         {"target": f"{filtered} drops at most 5% of unique samples", "value": _pct(unique_dropped),
          "met": unique_dropped is not None and unique_dropped <= 0.05},
