@@ -39,6 +39,9 @@ def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_e
         generator_device: device of the noise generators. Default "cpu" (same noise on any device).
         index_offset: global index of prompt 0, when a long list is scored in chunks. Default 0.
     """
+    if not 1 <= num_steps <= num_inference_steps:
+        raise ValueError(f"num_steps={num_steps}: detection measures the first k of the num_inference_steps="
+                         f"{num_inference_steps} sampling steps; choose 1 <= num_steps <= num_inference_steps")
     dev, dtype = prompt_embeds.device, prompt_embeds.dtype
     pairs = [(i, j) for i in range(prompt_embeds.shape[0]) for j in range(num_generations)]
     out = torch.zeros(prompt_embeds.shape[0], num_generations, num_steps)
@@ -49,10 +52,10 @@ def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_e
         b = len(chunk)
         latents = torch.stack([torch.randn(latent_shape, generator=torch.Generator(generator_device).manual_seed(
             _seed(seed, index_offset + i, j)), device=generator_device) for i, j in chunk]).to(dev, dtype)   # [b, C, h, w]
+        scheduler.set_timesteps(num_inference_steps, device=dev)    # before init_noise_sigma: it can depend on it
         latents = latents * scheduler.init_noise_sigma
         cond = prompt_embeds[[i for i, _ in chunk]]                                         # [b, L, D]
         context = torch.cat([cond, uncond_embeds.expand(b, -1, -1)])                         # [2b, L, D]
-        scheduler.set_timesteps(num_inference_steps, device=dev)
         for k, t in enumerate(scheduler.timesteps[:num_steps]):
             x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
             pred = unet(x_in, t, encoder_hidden_states=context).sample

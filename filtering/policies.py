@@ -157,6 +157,18 @@ def _restore_windows(wins: list, values: list) -> None:
         w.values = v.clone().float()
 
 
+def _check_update_with(update_with: str, statistic: str, allowed: tuple) -> None:
+    """update_with=kept with a quantile threshold ratchets: the window then holds only values below the last
+    threshold, whose q-quantile is lower again (q = 0.9 keeps 90% a step, the next threshold is the 0.81
+    quantile of the first, and so on: simulated, the kept fraction fell 0.73 -> 0.09 in 3000 steps)."""
+    if update_with not in allowed:
+        raise ValueError(f"filter.update_with={update_with!r}: expected one of {', '.join(allowed)}")
+    if update_with == "kept" and statistic == "quantile":
+        raise ValueError("filter.update_with=kept with a quantile threshold would lower the threshold at every "
+                         "update (a quantile of the kept samples alone is below the last one); use "
+                         "filter.update_with=all, or filter.statistic=median_mad with kept")
+
+
 def _robust_threshold(values: torch.Tensor, statistic: str, k: float, quantile: float) -> float:
     if statistic == "median_mad":
         med = values.median()
@@ -177,8 +189,9 @@ class RunningQuantile(FilterPolicy):
         quantile: the quantile used as threshold (0.9 drops about the top 10%). Default 0.9.
         window: how many past magnitudes the estimate uses. Default 4096.
         warmup: keep everything until this many magnitudes have been seen. Default 256.
-        update_with: "all" (every judged sample enters the window) or "kept" (only the kept ones,
-            so that dropped outliers never move the threshold). Default "all".
+        update_with: "all" (every judged sample enters the window; the only choice: a quantile of the kept
+            samples alone sits below the quantile of all of them, so each update would lower it again and
+            the threshold would fall without end, see `_check_update_with`). Default "all".
     """
 
     quantile: float = 0.9
@@ -188,15 +201,15 @@ class RunningQuantile(FilterPolicy):
     name = "running_quantile"
 
     def __post_init__(self):
+        _check_update_with(self.update_with, "quantile", ("all",))
         self._win = _Window(self.window)
         self._threshold = math.inf
 
     def _decide(self, m, t):
         active = len(self._win) >= self.warmup
         self._threshold = float(torch.quantile(self._win.values, self.quantile)) if active else math.inf
-        keep = m <= self._threshold
-        self._win.add(m if self.update_with == "all" else m[keep])
-        return keep
+        self._win.add(m)
+        return m <= self._threshold
 
     def thresholds(self):
         return {"threshold": self._threshold} if math.isfinite(self._threshold) else {}
@@ -227,7 +240,9 @@ class TimestepBucketed(FilterPolicy):
         quantile: quantile for statistic="quantile". Default 0.9.
         window: past magnitudes kept per bucket. Default 1024.
         warmup: magnitudes a bucket must have seen before it filters. Default 64.
-        update_with: "all" or "kept" (see RunningQuantile), or "warmup": only the first `warmup`
+        update_with: "all", "kept" (only kept samples enter the windows: with median_mad or mean_std only;
+            a quantile of kept samples alone would fall without end, see `_check_update_with`), or
+            "warmup": only the first `warmup`
             magnitudes of each bucket form its statistics, which are then frozen: a threshold calibrated
             at the start of fine-tuning, on the pretrained model's magnitudes, before anything is
             memorized, that memorized samples can never drag along. Default "all".
@@ -245,8 +260,7 @@ class TimestepBucketed(FilterPolicy):
 
     def __post_init__(self):
         _robust_threshold(torch.ones(2), self.statistic, self.k, self.quantile)  # validate statistic
-        if self.update_with not in ("all", "kept", "warmup"):
-            raise ValueError(f"update_with={self.update_with!r}: expected all, kept or warmup")
+        _check_update_with(self.update_with, self.statistic, ("all", "kept", "warmup"))
         self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
         self._thresholds = [math.inf] * self.num_buckets
 
@@ -339,6 +353,8 @@ class CaptionHistory(FilterPolicy):
         keep = torch.ones_like(m, dtype=torch.bool)
         for i in range(m.numel()):                  # in batch order: the same on every rank
             st = self._groups.get(int(g[i]))
+            if st is not None and st[0] >= self.baseline:          # judged on its caption's past, then added
+                keep[i] = not st[2] > self.threshold * st[1] / self.baseline
             ref = med[buckets[i]]
             if int(t[i]) >= self.min_timestep and torch.isfinite(ref) and ref > 0:
                 r = float(m[i] / ref)
@@ -350,8 +366,6 @@ class CaptionHistory(FilterPolicy):
                     st[2] = (1 - self.decay) * st[2] + self.decay * r
                 st[0] += 1
                 st[3] = r
-            if st is not None and st[0] > self.baseline:
-                keep[i] = not st[2] > self.threshold * st[1] / self.baseline
         for b in buckets.unique().tolist():
             self._wins[b].add(m[buckets == b])
         return keep
@@ -512,8 +526,10 @@ class ItemEvidence(FilterPolicy):
             self._items.move_to_end(gid)
         f = self._decay ** (self._calls - row[1])
         row[0], row[1] = row[0] * f, self._calls
-        row[3:] = [s * f + (z[k] if z is not None else 0.0) for k, s in enumerate(row[3:])]
-        row[0] += z is not None
+        row[3:] = [s * f for s in row[3:]]
+        if z is not None:
+            row[0] += 1.0
+            row[3:] = [s + zk for s, zk in zip(row[3:], z)]
         if row[0] > 0:
             means = [s / row[0] for s in row[3:]]
             if row[2]:

@@ -84,7 +84,7 @@ _FILTER_RULES = {
         ("quantile", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1), e.g. filter.quantile=0.9"),
         ("window", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
         ("warmup", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
-        ("update_with", lambda v: v in ("all", "kept"), "all or kept")],
+        ("update_with", lambda v: v == "all", "all (a quantile of the kept samples alone would fall without end)")],
     "timestep": [
         ("num_buckets", lambda v: is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
         ("statistic", lambda v: v in ("median_mad", "quantile", "mean_std"), "median_mad, quantile or mean_std"),
@@ -143,14 +143,24 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if protect.get("keep_list") and not Path(str(protect["keep_list"])).is_file():
         raise ConfigError(f"filter.protect.keep_list={protect['keep_list']!r}: no such file; give a text file "
                           "with one key per line or a Parquet file with a `key` column")
-    if name == "item" and cfg.filter.release is not None and cfg.filter.release > cfg.filter.margin:
-        raise ConfigError(f"filter.release={cfg.filter.release} > filter.margin={cfg.filter.margin}: a flagged item "
-                          "would be released at once; set filter.release <= filter.margin, e.g. 0")
+    _check_filter_builds(cfg)
     if name in ("running_quantile", "timestep", "caption", "item") and cfg.filter.warmup > cfg.filter.window:
         raise ConfigError(f"filter.warmup={cfg.filter.warmup} > filter.window={cfg.filter.window}: the filter would "
                           "never start; lower filter.warmup or raise filter.window")
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r}: must be offline, online or disabled")
+
+
+def _check_filter_builds(cfg: DictConfig) -> None:
+    """The policy's own checks across its fields (e.g. filter.release <= filter.margin, update_with=kept only
+    with a robust statistic) and its fields' names, at start: the policy is built once, as the loop will."""
+    from launch.builders import build_filter
+    try:
+        build_filter(cfg.filter, num_train_timesteps=1000)
+    except TypeError as e:                         # a key the policy has no field for
+        raise ConfigError(f"filter={cfg.filter.name}: {e}; see conf/filter/{cfg.filter.name}.yaml for its keys") from e
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def check_value(cfg, key, ok, must):

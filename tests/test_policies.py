@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -127,24 +128,25 @@ def test_running_quantile_window_size_is_respected():
     assert policy.thresholds()["threshold"] == pytest.approx(float(torch.quantile(torch.cat(stream), 0.5)))
 
 
-def test_running_quantile_update_with_kept_excludes_dropped_samples():
-    base = torch.rand(64, generator=_gen(4))
-    later = [torch.cat([torch.rand(12, generator=_gen(20 + i)), torch.full((4,), 50.0)]) for i in range(6)]
-    p_all = RunningQuantile(quantile=0.9, window=1000, warmup=32, update_with="all")
-    p_kept = RunningQuantile(quantile=0.9, window=1000, warmup=32, update_with="kept")
-    for p in (p_all, p_kept):
-        p.decide(base)
-    kept_history = base.tolist()
-    for m in later:
-        keep_kept = p_kept.decide(m)
-        p_all.decide(m)
-        kept_history += m[keep_kept].tolist()
-    v_kept = p_kept.state_dict()["values"]
-    assert torch.equal(v_kept, torch.tensor(kept_history))
-    assert (v_kept < 50).all()                                    # the outliers never entered
-    assert (p_all.state_dict()["values"] == 50).sum() == 4 * len(later)
-    # and the dropped outliers never moved the threshold, while with "all" they did
-    assert p_kept.thresholds()["threshold"] < 1.0 < p_all.thresholds()["threshold"]
+def test_a_quantile_threshold_cannot_be_fed_only_kept_samples():
+    """update_with=kept with a quantile ratchets: each window of kept samples has a lower quantile than the last.
+    Simulated here (the rule the policies refuse), then refused by both quantile policies."""
+    g, window, threshold, kept = _gen(4), [], math.inf, []
+    for step in range(300):
+        m = torch.rand(64, generator=g)                        # the same distribution at every step
+        threshold = float(torch.quantile(torch.tensor(window[-4096:]), 0.9)) if len(window) >= 256 else math.inf
+        keep = m <= threshold
+        window += m[keep].tolist()
+        kept.append(float(keep.float().mean()))
+    assert sum(kept[-20:]) / 20 < 0.5                          # the threshold fell far below the 0.9 quantile
+    with pytest.raises(ValueError, match="update_with"):
+        RunningQuantile(update_with="kept")
+    with pytest.raises(ValueError, match="update_with=kept with a quantile"):
+        TimestepBucketed(statistic="quantile", update_with="kept")
+    p = RunningQuantile(quantile=0.9, window=4096, warmup=256)      # "all": it holds the 0.9 quantile
+    g = _gen(4)
+    late = [float(p.decide(torch.rand(64, generator=g)).float().mean()) for _ in range(300)][-20:]
+    assert 0.85 < sum(late) / 20 < 0.95
 
 
 # --------------------------------------------------------------------------- TimestepBucketed
@@ -280,9 +282,8 @@ def test_ineligible_samples_are_kept_and_stay_out_of_the_statistics(make):
 
 @pytest.mark.parametrize("make", [
     lambda: RunningQuantile(quantile=0.8, window=50, warmup=20),
-    lambda: RunningQuantile(quantile=0.8, window=50, warmup=20, update_with="kept"),
     lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8),
-    lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8, statistic="quantile", update_with="kept"),
+    lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8, update_with="kept"),
     lambda: TimestepBucketed(num_buckets=4, window=30, warmup=8, update_with="warmup"),
 ])
 def test_restored_policy_decides_as_the_uninterrupted_one(make):
@@ -354,8 +355,8 @@ def test_build_policy_by_name():
     fixed = build_policy("fixed", threshold=1.5)
     assert isinstance(fixed, FixedThreshold) and fixed.threshold == 1.5
     assert isinstance(build_policy("batch_quantile", drop_fraction=0.2), BatchQuantile)
-    rq = build_policy("running_quantile", quantile=0.95, window=10, warmup=5, update_with="kept")
-    assert isinstance(rq, RunningQuantile) and rq.quantile == 0.95 and rq.update_with == "kept"
+    rq = build_policy("running_quantile", quantile=0.95, window=10, warmup=5)
+    assert isinstance(rq, RunningQuantile) and rq.quantile == 0.95
     tb = build_policy("timestep", num_buckets=3)
     assert isinstance(tb, TimestepBucketed) and tb.num_buckets == 3
     with pytest.raises(ValueError, match="filter.name") as err:
@@ -431,6 +432,19 @@ def test_caption_policy_restored_mid_stream_decides_as_the_uninterrupted_one():
     assert repr(restored.state_dict()) == repr(a.state_dict())
 
 
+def test_caption_policy_judges_a_sample_before_adding_it_to_its_caption():
+    """The module's rule: a sample is judged on its caption's past appearances; its own m only counts for the
+    next ones. A jump is kept once, and the caption's next appearance, however ordinary, is dropped."""
+    from filtering.policies import CaptionHistory
+
+    p = CaptionHistory(threshold=1.2, baseline=4, decay=0.5, num_buckets=1, window=64, warmup=4, min_timestep=0)
+    t = torch.full((1,), 900)
+    for _ in range(8):                                              # warm-up and a baseline at m = 1
+        assert p.decide(torch.ones(1), t, groups=torch.tensor([7])).all()
+    assert p.decide(torch.tensor([5.0]), t, groups=torch.tensor([7])).all()       # judged on a score of 1
+    assert not p.decide(torch.tensor([1.0]), t, groups=torch.tensor([7])).any()   # score 3 > 1.2: dropped
+
+
 def test_caption_group_ids_are_stable_48_bit_and_survive_the_float_gather():
     from filtering.policies import caption_group
 
@@ -452,7 +466,7 @@ def test_caption_policy_counts_only_high_noise_evidence_but_drops_at_every_times
     keep = p.decide(torch.tensor([9.0, 9.0, 1.0, 1.0]), low, groups=gr)  # a jump at low noise: no evidence
     assert keep.all()
     keep = p.decide(torch.tensor([3.0, 3.0, 1.0, 1.0]), high, groups=gr)  # at high noise: caption 7 flagged
-    assert keep.tolist() == [False, False, True, True]
+    assert keep.tolist() == [True, False, True, True]     # each sample judged on its caption's past, then added
     keep = p.decide(torch.ones(4), low, groups=gr)                   # ... and dropped at low noise too
     assert keep.tolist() == [False, False, True, True]
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from filtering.records import read_records
 from launch.config_check import ConfigError
-from tests.conftest import compose, train_in_process
+from tests.conftest import compose, launch_cmd, run_cmd, train_in_process
 
 
 def test_run_directory_is_complete_and_pipeline_loads(tmp_path):
@@ -132,6 +132,17 @@ def test_filter_values_are_checked():
         check_train_config(compose(["filter=timestep", "filter.statistic=mean"]), cuda_available=False)
     with pytest.raises(ConfigError, match=r"filter\.threshold"):
         check_train_config(compose(["filter=caption", "filter.threshold=0.9"]), cuda_available=False)   # must be > 1
+    # across fields and names, by the policy's own checks, at start
+    with pytest.raises(ConfigError, match=r"filter\.release=0\.6 > filter\.margin=0\.5"):
+        check_train_config(compose(["filter.margin=0.5", "filter.release=0.6"]), cuda_available=False)
+    with pytest.raises(ConfigError, match=r"filter\.update_with=kept with a quantile"):
+        check_train_config(compose(["filter=timestep", "filter.statistic=quantile", "filter.update_with=kept"]),
+                           cuda_available=False)
+    with pytest.raises(ConfigError, match=r"filter\.update_with='kept' is invalid"):
+        check_train_config(compose(["filter=running_quantile", "filter.update_with=kept"]), cuda_available=False)
+    with pytest.raises(ConfigError, match=r"filter=item: .*'margn'"):
+        check_train_config(compose(["+filter.margn=0.2"]), cuda_available=False)
+    check_train_config(compose(["filter=timestep", "filter.update_with=kept"]), cuda_available=False)  # median_mad
 
 
 def test_a_bad_world_value_stops_the_run_naming_the_data_key(tmp_path):
@@ -195,3 +206,66 @@ def test_imagefolder_with_injected_duplication(tmp_path):
     copies = rec[rec.key.str.contains("#dup")]
     assert 0 < len(copies) and summary["dup_kept_fraction"] == 1.0
     assert summary["samples_seen"] == 10
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_steps_neither_weights_nor_ema_and_is_counted(bad):
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+    from train.loop import TrainState, optimizer_update
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    ema = EMAModel(net.parameters(), decay=0.5)
+    state, acc = TrainState(), Accelerator(cpu=True)
+
+    def update(grad_value, max_grad_norm):
+        for p in net.parameters():
+            p.grad = torch.full_like(p, 1.0)
+        net.weight.grad[0, 0] = grad_value
+        return optimizer_update(acc, list(net.parameters()), opt, ema, net, kept_total=2,
+                                max_grad_norm=max_grad_norm, state=state)
+
+    before = [p.detach().clone() for p in net.parameters()]
+    ema_before = [p.clone() for p in ema.shadow_params]
+    for max_grad_norm in (1.0, 0.0):                       # with and without clipping
+        assert not update(bad, max_grad_norm)
+    assert state.nonfinite_steps == 2 and state.skipped_steps == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(ema_before, ema.shadow_params))
+    assert update(1.0, 1.0)                                # a finite one updates both
+    assert not torch.equal(before[0], net.weight) and not torch.equal(ema_before[0], ema.shadow_params[0])
+    assert torch.isfinite(net.weight).all() and state.nonfinite_steps == 2
+    assert not optimizer_update(acc, list(net.parameters()), opt, ema, net, 0, 1.0, state)   # nothing kept
+    assert state.skipped_steps == 1
+
+
+def test_lora_in_bf16_is_fused_into_the_full_precision_base(tmp_path):
+    """Training casts the frozen UNet to bf16; the exported pipeline must hold the base's fp32 weights, bit for
+    bit, plus the adapters' delta computed in fp32, not a bf16 copy upcast."""
+    from safetensors.torch import load_file
+    from launch.builders import build_components
+    from train.models import build_pipeline
+
+    base = build_components(compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
+                                     "model.tiny.vae_channels=[32,32]"]).model)
+    build_pipeline(base).save_pretrained(tmp_path / "base")
+    run_dir = tmp_path / "lora"                   # its own process: bf16 needs a fresh accelerate state
+    proc = run_cmd(launch_cmd(run_dir, [f"model.pretrained={tmp_path / 'base'}", "model.lora.rank=4",
+                                        "mixed_precision=bf16", "max_train_steps=2", "optim.learning_rate=1e-2"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = UNet2DConditionModel.from_pretrained(tmp_path / "base" / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(run_dir / "pipeline" / "unet").state_dict()
+    assert any(not torch.equal(before[k].bfloat16().float(), before[k]) for k in before)   # bf16 would show
+    lora = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    layers = [k.removeprefix("unet.").removesuffix(".lora.down.weight") for k in lora if k.endswith("lora.down.weight")]
+    assert layers and all(f"{k}.weight" in before for k in layers)
+    adapted = {f"{k}.weight" for k in layers}
+    for k in before:
+        if k not in adapted:
+            assert torch.equal(after[k], before[k]), k                     # untouched: the base, exactly
+    for k in layers:
+        delta = lora[f"unet.{k}.lora.up.weight"].float() @ lora[f"unet.{k}.lora.down.weight"].float()
+        torch.testing.assert_close(after[f"{k}.weight"], before[f"{k}.weight"] + delta, rtol=0, atol=1e-6)  # scale 1
+    assert any(not torch.equal(after[k], before[k]) for k in adapted)

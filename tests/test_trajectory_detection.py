@@ -45,3 +45,22 @@ def test_batching_does_not_change_the_scores():
     b = trajectory_magnitudes(c.unet, sched, prompts, uncond, (4, 8, 8), num_generations=2, num_steps=2,
                               num_inference_steps=5, batch_size=4)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_schedule_is_set_before_the_initial_noise_is_scaled():
+    """Euler's init_noise_sigma is the first sigma of the schedule that set_timesteps builds: a scheduler fresh
+    from its config (1000-step sigmas) and one already set for these steps must give the same scores."""
+    import pytest
+    from diffusers import EulerDiscreteScheduler
+
+    c, _, prompts, uncond = _setup()
+    make = lambda: EulerDiscreteScheduler.from_config(c.noise_scheduler.config, timestep_spacing="leading")  # noqa: E731
+    fresh, already_set = make(), make()
+    already_set.set_timesteps(10)
+    assert fresh.init_noise_sigma != already_set.init_noise_sigma          # the case that matters
+    kw = dict(num_generations=2, num_steps=2, num_inference_steps=10, batch_size=4)
+    a = trajectory_magnitudes(c.unet, fresh, prompts, uncond, (4, 8, 8), **kw)
+    b = trajectory_magnitudes(c.unet, already_set, prompts, uncond, (4, 8, 8), **kw)
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="num_steps=11"):
+        trajectory_magnitudes(c.unet, fresh, prompts, uncond, (4, 8, 8), num_steps=11, num_inference_steps=10)

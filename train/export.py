@@ -45,20 +45,26 @@ def export_pipeline(components: Components, unet, out_dir: str | Path, lora: boo
     """Save the final model as a full StableDiffusionPipeline (loadable by `from_pretrained`).
 
     With LoRA, `pytorch_lora_weights.safetensors` goes to <out_dir>/../lora as diffusers writes it, and the
-    pipeline gets the adapters fused into a copy of the UNet, so it loads without peft.
+    pipeline gets the adapters fused into the full-precision base UNet of `components` (kept in fp32 when the
+    run trained in bf16/fp16), so it loads without peft and its frozen weights are the base model's, bit for bit.
     """
     out_dir = Path(out_dir)
     if lora:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+        adapters = get_peft_model_state_dict(unet)
         StableDiffusionPipeline.save_lora_weights(
-            save_directory=out_dir.parent / "lora",
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            save_directory=out_dir.parent / "lora", unet_lora_layers=convert_state_dict_to_diffusers(adapters),
             safe_serialization=True)
-        unet = copy.deepcopy(unet).to(torch.float32)   # fuse in fp32: small deltas vanish in bf16 weights
-        unet.fuse_lora()
-        unet.unload_lora()
+        base = components.unet if components.unet is not unet else unet
+        fused = copy.deepcopy(base).to(torch.float32)     # fuse in fp32: small deltas vanish in bf16 weights
+        if base is not unet:                              # the fp32 base: give it the trained adapters
+            fused.add_adapter(unet.peft_config["default"])
+            set_peft_model_state_dict(fused, {k: v.float() for k, v in adapters.items()})
+        fused.fuse_lora()
+        fused.unload_lora()
+        unet = fused
     build_pipeline(components, unet.to(torch.float32)).save_pretrained(out_dir, safe_serialization=True)
     return out_dir

@@ -8,7 +8,8 @@ Counting, when samples are dropped:
 - A step in which every sample is dropped still counts: global_step, the data position and the lr
   schedule advance (the schedule is a function of data consumed, not of updates made), but the
   optimizer and EMA are not stepped and the step is counted in `skipped_steps`. Every rank still runs
-  its backward, so DDP's all-reduce never waits on a missing rank.
+  its backward, so DDP's all-reduce never waits on a missing rank. A step whose (all-reduced) gradient
+  norm is inf or NaN is not applied either, and counted in `nonfinite_steps`.
 - Epochs are passes over the data: `max_train_steps` defaults to num_train_epochs x (batches per
   epoch / gradient_accumulation_steps), whatever the filter drops.
 
@@ -24,6 +25,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -154,6 +156,7 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0       # micro-batches of `epoch` this rank has consumed
     skipped_steps: int = 0          # steps whose every sample was dropped (no optimizer step)
+    nonfinite_steps: int = 0        # steps whose gradient norm was inf or NaN (no optimizer or EMA step)
     samples_seen: int = 0           # global, all ranks
     samples_kept: int = 0
     dup_seen: int = 0
@@ -271,8 +274,10 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         raise ValueError(f"{accelerator.distributed_type} is not supported yet: the loop normalises gradients "
                          "by the global kept count itself and exports on rank 0; use DDP (multi_gpu)")
     c = components
-    # the exported pipeline gets the frozen modules in full precision, not their training-time casts
-    export_c = Components(c.tokenizer, copy.deepcopy(c.text_encoder), copy.deepcopy(c.vae), c.unet,
+    # the exported pipeline gets the frozen modules in full precision, not their training-time casts (with
+    # LoRA the UNet's base weights too: the adapters are fused into this copy)
+    frozen_unet = copy.deepcopy(c.unet) if args.lora_rank and weight_dtype != torch.float32 else c.unet
+    export_c = Components(c.tokenizer, copy.deepcopy(c.text_encoder), copy.deepcopy(c.vae), frozen_unet,
                           c.noise_scheduler) if weight_dtype != torch.float32 else c
     c.vae.requires_grad_(False).to(dev, dtype=weight_dtype)
     c.text_encoder.requires_grad_(False).to(dev, dtype=weight_dtype)
@@ -450,17 +455,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
             state.dup_seen += int(g[:, 3].sum())
             state.dup_kept += int((g[:, 3] * g[:, 5]).sum())
 
-        if kept_total > 0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(kept_total)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            if ema is not None:
-                ema.step(raw_unet.parameters())
-        else:
-            state.skipped_steps += 1
+        optimizer_update(accelerator, params, optimizer, ema, raw_unet, kept_total, args.max_grad_norm, state)
         with warnings.catch_warnings():   # a skipped step advances the schedule on purpose (module docstring)
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
             lr_scheduler.step()
@@ -492,6 +487,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         export_pipeline(export_c, raw_unet, run_dir / "pipeline", lora=bool(args.lora_rank))
         summary = {
             "steps": state.global_step, "skipped_steps": state.skipped_steps,
+            "nonfinite_steps": state.nonfinite_steps,
             "epochs": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 3),
             "samples_seen": state.samples_seen, "samples_kept": state.samples_kept,
             "kept_fraction": state.samples_kept / max(1, state.samples_seen),
@@ -510,6 +506,29 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
     return summary
 
 
+def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total: int, max_grad_norm: float,
+                     state: TrainState) -> bool:
+    """The step's update from the accumulated gradient: divided by the global kept count, clipped, then the
+    optimizer and the EMA step. No update when every sample was dropped (`skipped_steps`) or when the gradient
+    norm is not finite (`nonfinite_steps`: an inf/NaN from bf16 overflow or a bad sample would otherwise be
+    stepped into the weights and the EMA). The norm is of the all-reduced gradient: every rank decides alike.
+    Returns whether the weights were updated."""
+    if kept_total == 0:
+        state.skipped_steps += 1
+        return False
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(kept_total)
+    norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    if not math.isfinite(float(norm)):
+        state.nonfinite_steps += 1
+        return False
+    optimizer.step()
+    if ema is not None:
+        ema.step(unet.parameters())
+    return True
+
+
 def _log(tracker, bar, rows: torch.Tensor, policy: FilterPolicy, lr: float, state: TrainState) -> None:
     """Scalars, histograms and the progress bar from the global stats since the last log."""
     if rows.numel() == 0:
@@ -524,6 +543,7 @@ def _log(tracker, bar, rows: torch.Tensor, policy: FilterPolicy, lr: float, stat
         "filter/magnitude_mean": float(m[elig.bool()].mean()) if elig.any() else 0.0,
         "filter/magnitude_median": float(m[elig.bool()].median()) if elig.any() else 0.0,
         "filter/skipped_steps": state.skipped_steps,
+        "train/nonfinite_steps": state.nonfinite_steps,
         "train/epoch": state.epoch,
         **{f"filter/{k}": v for k, v in policy.thresholds().items()},
     }
