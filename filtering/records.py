@@ -25,6 +25,7 @@ SCHEMA = pa.schema([
     ("magnitude", pa.float32()),
     ("kept", pa.bool_()),
     ("loss", pa.float32()),
+    ("eligible", pa.bool_()),     # False where the caption was dropped for guidance: never judged
 ])
 _PART = re.compile(r"part-(\d+)-(\d+)-(\d+)\.parquet$")
 
@@ -51,12 +52,13 @@ class RecordWriter:
         self._seq += 1
         return self.dir / f"part-{first:010d}-{last:010d}-{self._seq - 1:06d}.parquet"
 
-    def append(self, step: int, keys, timesteps, magnitudes, kept, losses) -> None:
+    def append(self, step: int, keys, timesteps, magnitudes, kept, losses, eligible) -> None:
         """Add one row per sample. Tensors or sequences of equal length [B]."""
         keys = list(keys)
         n = len(keys)
         cols = {}
-        for name, vals in (("timestep", timesteps), ("magnitude", magnitudes), ("kept", kept), ("loss", losses)):
+        for name, vals in (("timestep", timesteps), ("magnitude", magnitudes), ("kept", kept), ("loss", losses),
+                           ("eligible", eligible)):
             cols[name] = vals.detach().cpu().tolist() if hasattr(vals, "detach") else list(vals)
             if len(cols[name]) != n:      # check everything before touching the buffer
                 raise ValueError(f"records: {name} has {len(cols[name])} values for {n} keys")
@@ -105,5 +107,20 @@ def read_records(root: str | os.PathLike) -> pa.Table:
     parts = sorted(Path(root).glob("rank-*/part-*.parquet"))
     if not parts:
         return SCHEMA.empty_table()
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    table = pa.concat_tables([_with_schema(pq.read_table(p)) for p in parts])
     return table.sort_by([("step", "ascending"), ("rank", "ascending")])
+
+
+def _with_schema(table: pa.Table) -> pa.Table:
+    """A part in SCHEMA's columns; a part written before a column existed gets it as nulls (unknown)."""
+    cols = [table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
+    return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+def eligible_mask(table) -> "np.ndarray":
+    """[N] bool: the samples the filter judged (a records table or its pandas frame). Records written before
+    the `eligible` column existed fall back to m > 0 (a dropped caption had m = 0)."""
+    import numpy as np
+    df = table.to_pandas() if isinstance(table, pa.Table) else table
+    known = df["eligible"].notna().to_numpy()
+    return np.where(known, df["eligible"].fillna(False).to_numpy(bool), (df["magnitude"] > 0).to_numpy())

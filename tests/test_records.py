@@ -14,20 +14,20 @@ BS = 3  # samples per step
 
 
 def _batch(step: int, rank: int = 0):
-    """One step's records: keys, timesteps, magnitudes, kept, losses (tensors, as the loop passes them)."""
+    """One step's records: keys, timesteps, magnitudes, kept, losses, eligible (tensors, as the loop passes them)."""
     g = torch.Generator().manual_seed(1000 * rank + step)
     keys = [f"r{rank}-s{step}-{i}" for i in range(BS)]
     return (keys, torch.randint(0, 1000, (BS,), generator=g), torch.rand(BS, generator=g) * 5,
-            torch.rand(BS, generator=g) > 0.3, torch.rand(BS, generator=g))
+            torch.rand(BS, generator=g) > 0.3, torch.rand(BS, generator=g), torch.rand(BS, generator=g) > 0.2)
 
 
 def _expected_rows(steps, rank: int = 0) -> set[tuple]:
     rows = set()
     for s in steps:
-        keys, t, m, kept, loss = _batch(s, rank)
+        keys, t, m, kept, loss, elig = _batch(s, rank)
         for i in range(BS):
             rows.add((s, rank, keys[i], int(t[i]), float(np.float32(m[i])), bool(kept[i]),
-                      float(np.float32(loss[i]))))
+                      float(np.float32(loss[i])), bool(elig[i])))
     return rows
 
 
@@ -89,10 +89,31 @@ def test_empty_flush_and_empty_folder(tmp_path):
 
 def test_plain_sequences_are_accepted(tmp_path):
     w = RecordWriter(tmp_path, rank=2)
-    w.append(5, ["a", "b"], [10, 20], [0.5, 1.5], [True, False], [0.1, 0.2])
+    w.append(5, ["a", "b"], [10, 20], [0.5, 1.5], [True, False], [0.1, 0.2], [True, False])
     w.flush()
     rows = _rows(read_records(tmp_path))
-    assert rows == [(5, 2, "a", 10, 0.5, True, pytest.approx(0.1)), (5, 2, "b", 20, 1.5, False, pytest.approx(0.2))]
+    assert rows == [(5, 2, "a", 10, 0.5, True, pytest.approx(0.1), True),
+                    (5, 2, "b", 20, 1.5, False, pytest.approx(0.2), False)]
+
+
+def test_records_written_before_the_eligible_column_read_back_with_it_unknown(tmp_path):
+    """A resumed run's folder may hold parts of an older writer: they read as one table, eligibility null,
+    and the judged samples fall back to m > 0 for them only."""
+    import pyarrow as pa
+    from filtering.records import eligible_mask
+
+    old = tmp_path / "rank-00000"
+    old.mkdir()
+    pq.write_table(pa.table({"step": [1, 1], "rank": pa.array([0, 0], pa.int32()), "key": ["a", "b"],
+                             "timestep": pa.array([5, 6], pa.int32()), "magnitude": pa.array([0.0, 2.0], pa.float32()),
+                             "kept": [True, True], "loss": pa.array([0.1, 0.2], pa.float32())}),
+                   old / "part-0000000001-0000000001-000000.parquet")
+    w = RecordWriter(tmp_path, rank=0)
+    w.append(2, ["c", "d"], [7, 8], [0.0, 3.0], [True, False], [0.3, 0.4], [True, False])
+    w.flush()
+    table = read_records(tmp_path)
+    assert table.schema == SCHEMA and table["eligible"].to_pylist() == [None, None, True, False]
+    assert eligible_mask(table).tolist() == [False, True, True, False]
 
 
 @pytest.mark.parametrize("flush_every, split, S, straddles", [
@@ -151,20 +172,22 @@ def test_truncate_after_removes_exactly_the_later_steps(tmp_path, flush_every, s
 
 def test_length_mismatch_raises(tmp_path):
     w = RecordWriter(tmp_path, rank=0)
-    keys, t, m, kept, loss = _batch(1)
+    keys, t, m, kept, loss, elig = _batch(1)
     with pytest.raises(ValueError, match="magnitude"):
-        w.append(1, keys, t, m[:-1], kept, loss)
+        w.append(1, keys, t, m[:-1], kept, loss, elig)
     with pytest.raises(ValueError, match="loss"):
-        w.append(1, keys, t, m, kept, torch.cat([loss, loss]))
+        w.append(1, keys, t, m, kept, torch.cat([loss, loss]), elig)
     with pytest.raises(ValueError, match="timestep"):
-        w.append(1, keys[:-1], t, m, kept, loss)
+        w.append(1, keys[:-1], t, m, kept, loss, elig)
+    with pytest.raises(ValueError, match="eligible"):
+        w.append(1, keys, t, m, kept, loss, elig[:-1])
 
 
 def test_rejected_append_leaves_the_writer_usable(tmp_path):
     w = RecordWriter(tmp_path, rank=0)
-    keys, t, m, kept, loss = _batch(1)
+    keys, t, m, kept, loss, elig = _batch(1)
     with pytest.raises(ValueError):
-        w.append(1, keys, t, m[:-1], kept, loss)
+        w.append(1, keys, t, m[:-1], kept, loss, elig)
     w.append(2, *_batch(2))
     w.flush()
     assert set(_rows(read_records(tmp_path))) == _expected_rows([2])

@@ -193,3 +193,29 @@ def test_training_step_gives_the_caption_policy_each_samples_group(unet, schedul
         assert torch.equal(out.keep, expected)
     assert set(policy.state_dict()["group_ids"].tolist()) == set(groups.tolist())
     assert not torch.stack(seen).all()                                # the policy did drop something
+
+
+def test_step_stats_travel_by_name_through_one_gather_with_exact_48_bit_ids():
+    """Two ranks' rows in one float32 collective (torch.cat stands for accelerate's all-gather, which
+    concatenates in rank order): every field back by name, ids exact to 2**48 - 1, padding rows invalid."""
+    from train.step import StepStats
+
+    def rank_stats(r: int, b: int) -> StepStats:
+        return StepStats(magnitude=torch.tensor([float("nan")] + [1.5 + r] * (b - 1)),
+                         timestep=torch.arange(b) + 100 * r, eligible=torch.arange(b) % 2 == 0,
+                         duplicate=torch.full((b,), r == 1), loss=torch.full((b,), 0.25 * (r + 1)),
+                         valid=torch.ones(b, dtype=torch.bool),
+                         groups=torch.tensor([[2 ** 48 - 1 - i - r, 7 + i] for i in range(b)]))
+
+    parts = [rank_stats(0, 3), rank_stats(1, 2)]              # rank 1 lost a sample to bad input
+    sent = []                                                   # what each rank puts into the collective
+    for p in parts:
+        p.gather(lambda x: sent.append(x) or x, width=3)
+    g = parts[0].gather(lambda x: torch.cat(sent), width=3)      # what every rank gets back
+    assert g.valid.tolist() == [True, True, True, True, True, False]
+    assert torch.isnan(g.magnitude[[0, 3]]).all() and g.magnitude[5] == 0.0     # padding: NaN-free
+    real = g.select(g.valid)
+    for name in ("timestep", "eligible", "duplicate", "loss", "groups"):
+        want = torch.cat([getattr(p, name) for p in parts])
+        assert torch.equal(getattr(real, name), want.to(getattr(real, name).dtype)), name
+    assert real.groups.max() == 2 ** 48 - 1 and real.groups.dtype == torch.long

@@ -101,14 +101,14 @@ def _generate(pipe, prompts: list[str], n: int, settings: WorldEvalSettings, res
 
 def filter_decisions(records_dir: str | Path, world: ToyWorld, num_phases: int = 4) -> dict:
     """Precision and recall of dropping duplicated samples, from a run's records (eligible samples only:
-    a caption dropped for guidance has m = 0 and is never judged)."""
-    from filtering.records import read_records
+    a caption dropped for guidance is never judged)."""
+    from filtering.records import eligible_mask, read_records
 
     t = read_records(records_dir).to_pandas()
     items = ToyWorld.item_of_keys(t["key"])
     dup = items < world.num_duplicated
     concept = items >= world.num_duplicated + world.num_unique
-    judged = (t["magnitude"] > 0).to_numpy()
+    judged = eligible_mask(t)
     dropped = ~t["kept"].to_numpy()
     step = t["step"].to_numpy()
 

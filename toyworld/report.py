@@ -106,7 +106,7 @@ def magnitude_plot(records: dict, path: str | Path, num_duplicated: int) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from filtering.records import read_records
+    from filtering.records import eligible_mask, read_records
 
     runs = {n: p for n, p in records.items() if p is not None and Path(p).exists()}
     if not runs:
@@ -114,7 +114,7 @@ def magnitude_plot(records: dict, path: str | Path, num_duplicated: int) -> Path
     fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.2 * len(runs)), squeeze=False, sharey=True)
     for row, (name, rec_dir) in zip(axes, runs.items()):
         t = read_records(rec_dir).to_pandas()
-        t = t[t.magnitude > 0]
+        t = t[eligible_mask(t) & (t.magnitude > 0).to_numpy()]          # judged, and m measured
         last = t.step.max()
         for ax, (label, sel) in zip(row, (("first quarter", t.step <= max(1, last // 4)),
                                           ("last quarter", t.step > last - max(1, last // 4)))):

@@ -47,7 +47,7 @@ from train.data.transforms import ImageTransform
 from train.data.wds import WebDatasetSource
 from train.export import export_pipeline, save_images, validation_images
 from train.models import Components, add_lora
-from train.step import filtered_diffusion_step
+from train.step import StepStats, filtered_diffusion_step
 from train.tracking import NullTracker
 
 log = logging.getLogger("memfilter.train")
@@ -209,14 +209,14 @@ class _Window:
     """Step statistics gathered between two log lines (main process only)."""
 
     def __init__(self):
-        self.rows: list[torch.Tensor] = []
+        self.parts: list[StepStats] = []
 
-    def add(self, global_stats: torch.Tensor):
-        self.rows.append(global_stats.detach().float().cpu())
+    def add(self, stats: StepStats):
+        self.parts.append(stats)
 
-    def pop(self) -> torch.Tensor:
-        out = torch.cat(self.rows) if self.rows else torch.zeros(0, 6)
-        self.rows = []
+    def pop(self) -> StepStats | None:
+        out = StepStats.cat(self.parts) if self.parts else None
+        self.parts = []
         return out
 
 
@@ -446,14 +446,14 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
                 accelerator.backward(out.loss_sum * world)
             kept_total += out.kept_global
             records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
-                           out.keep[:b], out.per_sample_loss[:b])
-            window.add(out.global_stats)
+                           out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
+            window.add(out.stats)
             state.epoch, state.batches_in_epoch = epoch, consumed
-            g = out.global_stats
-            state.samples_seen += g.shape[0]
-            state.samples_kept += int(g[:, 5].sum())
-            state.dup_seen += int(g[:, 3].sum())
-            state.dup_kept += int((g[:, 3] * g[:, 5]).sum())
+            g = out.stats
+            state.samples_seen += g.keep.numel()
+            state.samples_kept += int(g.keep.sum())
+            state.dup_seen += int(g.duplicate.sum())
+            state.dup_kept += int((g.duplicate & g.keep).sum())
 
         optimizer_update(accelerator, params, optimizer, ema, raw_unet, kept_total, args.max_grad_norm, state)
         with warnings.catch_warnings():   # a skipped step advances the schedule on purpose (module docstring)
@@ -529,30 +529,30 @@ def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total
     return True
 
 
-def _log(tracker, bar, rows: torch.Tensor, policy: FilterPolicy, lr: float, state: TrainState) -> None:
+def _log(tracker, bar, stats: StepStats | None, policy: FilterPolicy, lr: float, state: TrainState) -> None:
     """Scalars, histograms and the progress bar from the global stats since the last log."""
-    if rows.numel() == 0:
+    if stats is None or stats.keep.numel() == 0:
         return
-    m, _, elig, dup, loss, keep = rows.unbind(1)
-    kept = keep.bool()
+    m, elig, dup, loss, kept = stats.magnitude, stats.eligible, stats.duplicate, stats.loss, stats.keep
+    keep = kept.float()
     values = {
         "train/loss": float(loss[kept].mean()) if kept.any() else float("nan"),
         "train/loss_all": float(loss.mean()),
         "train/lr": lr,
         "filter/kept_fraction": float(keep.mean()),
-        "filter/magnitude_mean": float(m[elig.bool()].mean()) if elig.any() else 0.0,
-        "filter/magnitude_median": float(m[elig.bool()].median()) if elig.any() else 0.0,
+        "filter/magnitude_mean": float(m[elig].mean()) if elig.any() else 0.0,
+        "filter/magnitude_median": float(m[elig].median()) if elig.any() else 0.0,
         "filter/skipped_steps": state.skipped_steps,
         "train/nonfinite_steps": state.nonfinite_steps,
         "train/epoch": state.epoch,
         **{f"filter/{k}": v for k, v in policy.thresholds().items()},
     }
     if dup.any():
-        values["filter/kept_fraction_dup"] = float(keep[dup.bool()].mean())
-    if (~dup.bool()).any():
-        values["filter/kept_fraction_nondup"] = float(keep[~dup.bool()].mean())
+        values["filter/kept_fraction_dup"] = float(keep[dup].mean())
+    if (~dup).any():
+        values["filter/kept_fraction_nondup"] = float(keep[~dup].mean())
     tracker.log(values, state.global_step)
-    tracker.log_histogram("filter/magnitude", m[elig.bool()].numpy(), state.global_step)
+    tracker.log_histogram("filter/magnitude", m[elig].numpy(), state.global_step)
     if dup.any():
-        tracker.log_histogram("filter/magnitude_dup", m[dup.bool()].numpy(), state.global_step)
+        tracker.log_histogram("filter/magnitude_dup", m[dup].numpy(), state.global_step)
     bar.set_postfix(loss=f"{values['train/loss']:.4f}", kept=f"{values['filter/kept_fraction']:.2f}")

@@ -8,7 +8,7 @@ accumulation steps), which is only known after the last micro-batch.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
@@ -19,6 +19,47 @@ from filtering.signal import text_noise_magnitude
 
 
 @dataclass
+class StepStats:
+    """The per-sample values of a micro-batch that the decision and the logs need, by name. `gather` turns one
+    rank's into the global micro-batch's, the same on every rank (the one place that packs them)."""
+
+    magnitude: torch.Tensor        # [N] float32, NaN where not measured
+    timestep: torch.Tensor         # [N] long
+    eligible: torch.Tensor         # [N] bool: the policy may judge it (False where the caption was dropped for CFG)
+    duplicate: torch.Tensor        # [N] bool duplication ground truth (logging only)
+    loss: torch.Tensor             # [N] float32 per-sample training loss, detached
+    valid: torch.Tensor            # [N] bool: a real sample, not a filler row
+    groups: torch.Tensor           # [N, G] int64 item ids (< 2**48; 0 = none)
+    keep: torch.Tensor | None = None   # [N] bool: the decision, once made
+
+    def gather(self, gather: Callable[[torch.Tensor], torch.Tensor], width: int) -> "StepStats":
+        """Every rank's rows in one float32 collective. Each rank's rows are padded to `width` (ranks may hold
+        fewer samples: bad ones were skipped) and marked invalid; a 48-bit id travels as two exact 24-bit halves."""
+        g = self.groups.long()
+        cols = torch.stack([self.magnitude.float(), self.timestep.float(), self.eligible.float(),
+                            self.duplicate.float(), self.loss.detach().float(), self.valid.float()], dim=1)
+        local = torch.cat([cols, (g >> 24).float(), (g & 0xFFFFFF).float()], dim=1)        # [B, 6 + 2G]
+        local = torch.cat([local, local.new_zeros(width - local.shape[0], local.shape[1])])
+        out = gather(local)
+        n = g.shape[1]
+        valid = out[:, 5].bool()
+        return StepStats(magnitude=torch.where(valid, out[:, 0], 0.0),    # NaN-free padding
+                         timestep=out[:, 1].long(), eligible=out[:, 2].bool(), duplicate=out[:, 3].bool(),
+                         loss=out[:, 4], valid=valid, groups=(out[:, 6:6 + n].long() << 24) | out[:, 6 + n:].long())
+
+    def select(self, mask: torch.Tensor) -> "StepStats":
+        """The rows where `mask` holds."""
+        return StepStats(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[mask]
+                            for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list["StepStats"]) -> "StepStats":
+        """Rows of several micro-batches, on the CPU (the loop's log window)."""
+        return StepStats(**{f.name: torch.cat([getattr(p, f.name).detach().cpu() for p in parts])
+                            for f in fields(StepStats)})
+
+
+@dataclass
 class StepOutput:
     loss_sum: torch.Tensor        # scalar with graph: sum of kept per-sample losses on this rank
     per_sample_loss: torch.Tensor  # [B] float32, detached
@@ -26,8 +67,7 @@ class StepOutput:
     timesteps: torch.Tensor        # [B] long
     keep: torch.Tensor             # [B] bool, this rank's slice of the global decision
     eligible: torch.Tensor         # [B] bool, False where the caption was dropped for CFG
-    global_stats: torch.Tensor     # [N, 6] valid rows of all ranks: magnitude, timestep, eligible, is_duplicate,
-    #                                loss, keep
+    stats: StepStats               # the valid rows of all ranks, with the decision
     kept_global: int               # kept samples in the global micro-batch
 
 
@@ -119,27 +159,14 @@ def filtered_diffusion_step(
     eligible = torch.ones(b, dtype=torch.bool, device=dev) if eligible is None else eligible.to(dev)
     is_duplicate = torch.zeros(b, dtype=torch.bool, device=dev) if is_duplicate is None else is_duplicate.to(dev)
     valid = torch.ones(b, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
-    # One collective for everything the decision and the logs need. Ranks may hold fewer than pad_to
-    # samples (bad ones were skipped), so rows are padded to pad_to and marked invalid: [W*pad_to, 6]
+    # One collective for everything the decision and the logs need: the same global rows on every rank
     gid = torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None else groups.to(dev).long().reshape(b, -1)
-    # each 48-bit group id travels as two exact 24-bit halves in the float32 gather: [B, 6 + 2G]
-    local = torch.cat([torch.stack([m, timesteps.float(), eligible.float(), is_duplicate.float(), per_sample.detach(),
-                                    valid.float()], dim=1), (gid >> 24).float(), (gid & 0xFFFFFF).float()], dim=1)
     width = max(b, pad_to or b)
-    local = torch.cat([local, local.new_zeros(width - b, local.shape[1])])
-    g = gather(local)
-    g_valid = g[:, 5].bool()
-    g[~g_valid, 0] = 0.0                                   # NaN-free padding (m is NaN when not measured)
-    n_groups = gid.shape[1]
-    g_groups = (g[:, 6:6 + n_groups].long() << 24) | g[:, 6 + n_groups:].long()          # [N, G]
-    keep_global = policy.decide(g[:, 0], g[:, 1].long(), g[:, 2].bool() & g_valid, groups=g_groups,
-                                losses=g[:, 4]) & g_valid
-    # (the same decision on every rank)
-    g = g[:, :5]
-    keep = keep_global[rank * width:rank * width + b].to(dev)
+    g = StepStats(magnitude=m, timestep=timesteps, eligible=eligible, duplicate=is_duplicate, loss=per_sample,
+                  valid=valid, groups=gid).gather(gather, width)
+    g.keep = policy.decide(g.magnitude, g.timestep, g.eligible & g.valid, groups=g.groups, losses=g.loss) & g.valid
+    keep = g.keep[rank * width:rank * width + b].to(dev)
     # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the forward sum
     loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
-                      keep=keep, eligible=eligible,
-                      global_stats=torch.cat([g, keep_global.float().unsqueeze(1).to(g.device)], dim=1)[g_valid],
-                      kept_global=int(keep_global.sum()))
+                      keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()))
