@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from filtering.policies import build_policy, caption_group  # noqa: E402
-from filtering.records import read_records  # noqa: E402
+from filtering.records import eligible_mask, read_records  # noqa: E402
 
 
 def replay(records: str, seed: int, spec: dict, world_kw: dict | None = None) -> dict:
@@ -39,9 +39,11 @@ def replay(records: str, seed: int, spec: dict, world_kw: dict | None = None) ->
     policy = build_policy(spec.pop("name", "item"), **spec)
     keep = np.ones(len(df), bool)
     steps = df.step.to_numpy()
+    judged = eligible_mask(df)                # captions dropped for guidance are never judged
     for s in np.unique(steps):
         sel = np.nonzero(steps == s)[0]
         kw = {"groups": torch.tensor(groups[sel])} if policy.uses_groups else {}
+        kw["eligible"] = torch.tensor(judged[sel])
         if getattr(policy, "uses_losses", False):
             kw["losses"] = torch.tensor(df.loss.to_numpy()[sel])
         keep[sel] = policy.decide(torch.tensor(df.magnitude.to_numpy()[sel]), torch.tensor(df.timestep.to_numpy()[sel]),
