@@ -81,6 +81,24 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> t
     return w
 
 
+def noised_inputs(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
+                  noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_t, t and the training target of a micro-batch, drawn from `generator` (noise, then timesteps)."""
+    b, dev = latents.shape[0], latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator,
+                                                   device=dev, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
+                              device=dev).long()
+    ptype = noise_scheduler.config.prediction_type
+    if ptype not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={ptype!r}: training supports epsilon and v_prediction "
+                         "(set model.prediction_type)")
+    target = noise if ptype == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise_scheduler.add_noise(latents, noise, timesteps), timesteps, target
+
+
 def filtered_diffusion_step(
     unet: torch.nn.Module,
     noise_scheduler,
@@ -129,21 +147,8 @@ def filtered_diffusion_step(
         groups: [B] or [B, G] int64 item ids (filtering.policies.item_groups: caption and image hashes,
             < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
     """
-    b = latents.shape[0]
-    dev = latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator,
-                                                   device=dev, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                              device=dev).long()
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    ptype = noise_scheduler.config.prediction_type
-    if ptype not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type={ptype!r}: training supports epsilon and v_prediction "
-                         "(set model.prediction_type)")
-    target = noise if ptype == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-
+    b, dev, ptype = latents.shape[0], latents.device, noise_scheduler.config.prediction_type
+    noisy, timesteps, target = noised_inputs(noise_scheduler, latents, generator, noise_offset)
     pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample  # [B,C,h,w], grad
 
     if compute_magnitude:
