@@ -418,14 +418,17 @@ class ItemEvidence(FilterPolicy):
        true mean is at the margin). A flagged item stays flagged (by default: an item the model singles
        out once will be learned again as soon as it is let back, and the toy world's replication came from
        items let back) or, with `release` set, until its evidence falls to `release` for every signal;
-    5. a sample is dropped when any of its items is flagged. Dropped samples keep adding evidence.
+    5. a sample is dropped when any of its items is flagged, unless `readmit` > 0 and every flagged item of
+       it has been trained on less than `readmit` times lately (decayed count): then the item is trained on
+       at the rate of an item seen about once a half-life, like a unique image, so that what its caption
+       names is still learned while its details are not. Dropped samples keep adding evidence.
 
     An item seen once (a unique image) never gathers `min_count` appearances within a half-life: only items
     that repeat can be flagged, and only those the model treats differently from fresh ones. The state is
     bounded: at most `capacity` items, least recently seen evicted first (an evicted item starts again from
-    no evidence); each tracked item costs 8 * (4 + #signals) bytes in a checkpoint (id, count, last
-    decision, flag and one sum per signal: 48 bytes with two signals) and about 300 bytes of Python objects
-    in memory (100k items: ~5 MB and ~30 MB).
+    no evidence); each tracked item costs 8 * (5 + #signals) bytes in a checkpoint (id, count, last
+    decision, flag, trained count and one sum per signal: 56 bytes with two signals) and about 300 bytes of
+    Python objects in memory (100k items: ~6 MB and ~30 MB).
 
     Args:
         margin: mean z (in units of the per-sample spread) above which an item stands out. Default 0.0:
@@ -444,6 +447,9 @@ class ItemEvidence(FilterPolicy):
             Default 1.0.
         release: None (a flagged item stays flagged) or the mean z (<= `margin`) at which it is released.
             Default None.
+        readmit: a flagged item's appearance is trained on when the item's decayed count of trained
+            appearances is below this (0.5 at half-life 50: about once every 50 decisions); 0 never.
+            Default 0.
         group_by: the item ids of a sample: "image" (a perceptual hash of its pixels, so one image under many
             captions is one item, near copies mostly too) and/or "caption" (its caption's hash: only where a
             caption names one item; captions shared by many images make poor items). The first kind also
@@ -463,6 +469,7 @@ class ItemEvidence(FilterPolicy):
     capacity: int = 100_000
     rare_count: float = 1.0
     release: float | None = None
+    readmit: float = 0.0
     group_by: tuple = ("image",)
     evidence: tuple = ("loss", "magnitude")
     name = "item"
@@ -477,7 +484,7 @@ class ItemEvidence(FilterPolicy):
             raise ValueError(f"filter.release={self.release} > filter.margin={self.margin}: an item would be "
                              "released as soon as it is flagged; set release <= margin, or null to hold it")
         self._wins = [[_Window(self.window) for _ in range(self.num_buckets)] for _ in self.evidence]
-        self._items: OrderedDict[int, list] = OrderedDict()   # id -> [count, last call, flag, sum z per signal]
+        self._items: OrderedDict[int, list] = OrderedDict()   # id -> [count, last call, flag, trained, sum z ...]
         self._calls = 0
         self._decay = 0.5 ** (1.0 / self.half_life)
 
@@ -519,23 +526,24 @@ class ItemEvidence(FilterPolicy):
         if row is None:
             if z is None:
                 return False
-            row = self._items[gid] = [0.0, self._calls, 0.0] + [0.0] * len(self.evidence)
+            row = self._items[gid] = [0.0, self._calls, 0.0, 0.0] + [0.0] * len(self.evidence)
             if len(self._items) > self.capacity:
                 self._items.popitem(last=False)            # the least recently seen item
         else:
             self._items.move_to_end(gid)
         f = self._decay ** (self._calls - row[1])
-        row[0], row[1] = row[0] * f, self._calls
-        row[3:] = [s * f for s in row[3:]]
+        row[0], row[1], row[3] = row[0] * f, self._calls, row[3] * f
+        row[4:] = [s * f for s in row[4:]]
         if z is not None:
             row[0] += 1.0
-            row[3:] = [s + zk for s, zk in zip(row[3:], z)]
+            row[4:] = [s + zk for s, zk in zip(row[4:], z)]
         if row[0] > 0:
-            means = [s / row[0] for s in row[3:]]
+            means = [s / row[0] for s in row[4:]]
             if row[2]:
                 row[2] = float(self.release is None or max(means) > self.release)
             elif row[0] >= self.min_count:
                 row[2] = float(max(means) - self.z_crit / math.sqrt(row[0]) > self.margin)
+                row[3] = 0.0 if row[2] else row[3]         # from the flag on, `readmit` counts afresh
         return bool(row[2])
 
     def _decide(self, m, t, g, losses=None):
@@ -554,7 +562,13 @@ class ItemEvidence(FilterPolicy):
         usable = (t >= self.min_timestep) & torch.isfinite(z).all(1)
         keep = torch.ones_like(m, dtype=torch.bool)
         for i, (zi, ok) in enumerate(zip(z.tolist(), usable.tolist())):   # in batch order: the same on every rank
-            keep[i] = not any([self._update(gid, zi if ok else None) for gid in ids[i] if gid])
+            mine = [gid for gid in ids[i] if gid]
+            flagged = [gid for gid in mine if self._update(gid, zi if ok else None)]
+            keep[i] = all(self._items[gid][3] < self.readmit for gid in flagged)
+            if keep[i]:
+                for gid in mine:
+                    if gid in self._items:
+                        self._items[gid][3] += 1.0                 # trained on (decayed count)
         for x, wins in zip(signals, self._wins):        # the reference: items the model has rarely seen lately
             for b in buckets.unique().tolist():
                 wins[b].add(x[(buckets == b) & rare])
@@ -568,14 +582,14 @@ class ItemEvidence(FilterPolicy):
 
     def state_dict(self):
         ids = list(self._items)                         # LRU order: eviction resumes exactly
-        rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, 3 + len(self.evidence))
+        rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, 4 + len(self.evidence))
         return {"values": [w.values.clone() for wins in self._wins for w in wins],
                 "item_ids": torch.tensor(ids, dtype=torch.long), "item_state": rows, "calls": self._calls}
 
     def load_state_dict(self, state):
-        width = 3 + len(self.evidence)
+        width = 4 + len(self.evidence)
         if state["item_state"].shape[-1] != width:
-            raise ValueError(f"checkpoint's item filter state has {state['item_state'].shape[-1] - 3} signals, "
+            raise ValueError(f"checkpoint's item filter state has {state['item_state'].shape[-1] - 4} signals, "
                              f"config filter.evidence={list(self.evidence)} has {len(self.evidence)}")
         flat = [w for wins in self._wins for w in wins]
         _restore_windows(flat, state["values"])

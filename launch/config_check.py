@@ -116,7 +116,8 @@ _FILTER_RULES = {
         ("evidence", lambda v: isinstance(v, (list, ListConfig)) and len(v) >= 1 and set(v) <= {"magnitude", "loss"},
          "a non-empty list of magnitude and/or loss, e.g. filter.evidence=[magnitude,loss]"),
         ("rare_count", lambda v: _is_num(v) and v > 0, "a number > 0, e.g. filter.rare_count=1"),
-        ("release", lambda v: v is None or _is_num(v), "null (hold a flagged item) or a number <= filter.margin")],
+        ("release", lambda v: v is None or _is_num(v), "null (hold a flagged item) or a number <= filter.margin"),
+        ("readmit", lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1], e.g. filter.readmit=0.5 (0: never)")],
     "none": [],
 }
 

@@ -568,7 +568,7 @@ def test_item_policy_state_stays_bounded_on_a_million_distinct_captions():
     state = p.state_dict()
     assert len(p._items) == capacity == state["item_ids"].numel()
     item_bytes = state["item_ids"].numel() * 8 + state["item_state"].numel() * state["item_state"].element_size()
-    assert item_bytes == capacity * 40                    # 8 (id) + 8 x (count, last, flag, one sum per signal)
+    assert item_bytes == capacity * 48           # 8 (id) + 8 x (count, last, flag, trained, one sum per signal)
     assert int(state["item_ids"][-1]) == 2 * (n - 1) + 1                      # the newest stay, the oldest left
 
 
@@ -631,3 +631,26 @@ def test_item_policy_compares_with_the_population_now_not_with_its_lagging_windo
         dropped.index_add_(0, image[:12].clamp(max=6), (~keep[:12]).float())
     assert torch.stack(lag).mean() > 0.4     # the window lags: enough to flag any item seen 100 times (4/sqrt(100))
     assert dropped[1] > 0 and dropped[2:].sum() == 0
+
+
+def test_item_policy_readmits_a_flagged_item_at_the_rate_of_a_rarely_seen_one():
+    """readmit: a flagged item is trained on again whenever its decayed trained count fell below `readmit`
+    (about once a half-life at 0.5), never more; without it, never."""
+    def run(readmit):
+        p = _item_policy(evidence=("magnitude",), readmit=readmit, num_buckets=1, half_life=10, min_count=4)
+        g = torch.Generator().manual_seed(0)
+        kept = []
+        for step in range(100):
+            image = torch.cat([torch.ones(4, dtype=torch.long), 100 + step * 60 + torch.arange(60)])
+            m = torch.exp(0.1 * torch.randn(64, generator=g))
+            m[:4] *= 2.0                                   # item 1, four times a step, always stands out
+            keep = p.decide(m, torch.full((64,), 900), groups=image[:, None])
+            assert keep[4:].all()
+            kept.append(int(keep[:4].sum()))
+        return kept
+    never, half = run(0.0), run(0.5)
+    flag = next(s for s, k in enumerate(never) if k < 4)
+    assert sum(never[flag + 1:]) == 0
+    late = half[flag + 1:]
+    assert max(late) == 1                                  # one appearance at a time ...
+    assert 0.5 * len(late) / 10 <= sum(late) <= 1.5 * len(late) / 10 + 1    # ... about once a half-life
