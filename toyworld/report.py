@@ -177,80 +177,111 @@ def write_report(results: dict, out_dir: str | Path, *, world: dict, runs: dict,
     grid(results, out / "grid.png")
     detection_plot(results, out / "detection.png")
     mag = magnitude_plot(records or {}, out / "magnitudes.png", world["num_duplicated"])
+    lines = (_world_lines(world) + _target_lines(checks) + _run_lines(runs) + _detection_lines(results)
+             + _replication_lines(results) + _decision_lines(results) + _picture_lines(mag)
+             + _time_lines(timings))
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
 
-    names = list(results)
-    bar = results[names[0]]["replication"]["bar"]
+
+def _world_lines(world: dict) -> list[str]:
     n_dup_draws = world["num_duplicated"] * world["repeats"]
-    lines = ["# memfilter toy-world demo", "",
-             f"World: {world['num_duplicated']} duplicated items x {world['repeats']} appearances and "
-             f"{world['num_unique']} unique items ({n_dup_draws / (n_dup_draws + world['num_unique']):.0%} of the "
-             f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Captions name "
-             f"{' and '.join(world['spec'].get('named', ['shape', 'colour']))} (what a prompt intends); "
-             + ("the background colour and " if "background" not in world["spec"].get("named", []) else "")
-             + "a 4x4 pattern of background tints, each item's own, are named by no caption.", ""]
-    lines += ["## Targets", "", "| target | value | met |", "| --- | --- | --- |"]
-    lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks]
-    lines += ["", "## Runs", "", "| run | filter / overrides | steps | kept (duplicated) | kept (unique) | wall s |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    return ["# memfilter toy-world demo", "",
+            f"World: {world['num_duplicated']} duplicated items x {world['repeats']} appearances and "
+            f"{world['num_unique']} unique items ({n_dup_draws / (n_dup_draws + world['num_unique']):.0%} of the "
+            f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Captions name "
+            f"{' and '.join(world['spec'].get('named', ['shape', 'colour']))} (what a prompt intends); "
+            + ("the background colour and " if "background" not in world["spec"].get("named", []) else "")
+            + "a 4x4 pattern of background tints, each item's own, are named by no caption.", ""]
+
+
+def _target_lines(checks: list[dict]) -> list[str]:
+    return (["## Targets", "", "| target | value | met |", "| --- | --- | --- |"]
+            + [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'NO'} |" for c in checks])
+
+
+def _run_lines(runs: dict) -> list[str]:
+    lines = ["", "## Runs", "", "| run | filter / overrides | steps | kept (duplicated) | kept (unique) | wall s |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, info in runs.items():
         s = info.get("summary") or {}
         lines.append(f"| {name} | `{' '.join(info.get('overrides', [])) or '-'}` | {s.get('steps', '-')} | "
                      f"{_pct(s.get('dup_kept_fraction'))} | {_pct(s.get('nondup_kept_fraction'))} | "
                      f"{s.get('wall_seconds', '-')} |")
-    d0 = results[names[0]]["detection"]
-    lines += ["", f"## Detection (Wen et al., step 1, n={d0['num_generations']} generations, guidance "
-                  f"{results[names[0]]['settings']['guidance_scale']})", "",
-              f"{d0['duplicated_prompts']} duplicated vs {d0['unique_prompts']} unique training items' captions "
-              f"({d0.get('unique_prompts_distinct', d0['unique_prompts'])} distinct: a world caption names only "
-              "shape and colour, so unique items share captions; a duplicated item's caption is its own).", "",
-              "| run | AUC | TPR@1%FPR | mean score duplicated | mean score unique |", "| --- | --- | --- | --- | --- |"]
-    for n in names:
-        d = results[n]["detection"]
+    return lines
+
+
+def _detection_lines(results: dict) -> list[str]:
+    first = next(iter(results.values()))
+    d0 = first["detection"]
+    lines = ["", f"## Detection (Wen et al., step 1, n={d0['num_generations']} generations, guidance "
+                 f"{first['settings']['guidance_scale']})", "",
+             f"{d0['duplicated_prompts']} duplicated vs {d0['unique_prompts']} unique training items' captions "
+             f"({d0.get('unique_prompts_distinct', d0['unique_prompts'])} distinct: a world caption names only "
+             "shape and colour, so unique items share captions; a duplicated item's caption is its own).", "",
+             "| run | AUC | TPR@1%FPR | mean score duplicated | mean score unique |", "| --- | --- | --- | --- | --- |"]
+    for n, r in results.items():
+        d = r["detection"]
         lines.append(f"| {n} | {_f(d['auc'])} | {_f(d['tpr_at_fpr']['0.01'])} | {_f(d['score_duplicated_mean'])} | "
                      f"{_f(d['score_unique_mean'])} |")
-    named = [a for a in ("shape", "colour", "position", "background") if a in results[names[0]]["fidelity"]["duplicated"]]
-    lines += ["", "## Replication (unintended) and prompt fidelity (intended)", "",
-              f"Descriptor: {results[names[0]]['descriptor']}. Replication bar {bar['bar']:.3f}: the "
-              f"{bar['quantile']:.0%} quantile of the nearest-training similarity of {bar['fresh_items']} fresh items "
-              f"never trained on (their mean {bar['fresh_mean']:.3f}, max {bar['fresh_max']:.3f}). A generation "
-              "replicates when its nearest training item is above the bar; *own* counts only the prompt's own item.",
-              "", "| run | prompts | generations | replicated | replicated own item | items replicated | "
-                  f"mean similarity | fidelity (all {len(named)} named) | " + " | ".join(named) + " |",
-              "| --- " * (7 + len(named)) + "|"]
-    for n in names:
+    return lines
+
+
+def _replication_lines(results: dict) -> list[str]:
+    first = next(iter(results.values()))
+    bar = first["replication"]["bar"]
+    named = [a for a in ("shape", "colour", "position", "background") if a in first["fidelity"]["duplicated"]]
+    lines = ["", "## Replication (unintended) and prompt fidelity (intended)", "",
+             f"Descriptor: {first['descriptor']}. Replication bar {bar['bar']:.3f}: the "
+             f"{bar['quantile']:.0%} quantile of the nearest-training similarity of {bar['fresh_items']} fresh items "
+             f"never trained on (their mean {bar['fresh_mean']:.3f}, max {bar['fresh_max']:.3f}). A generation "
+             "replicates when its nearest training item is above the bar; *own* counts only the prompt's own item.",
+             "", "| run | prompts | generations | replicated | replicated own item | items replicated | "
+                 f"mean similarity | fidelity (all {len(named)} named) | " + " | ".join(named) + " |",
+             "| --- " * (7 + len(named)) + "|"]
+    for n, res in results.items():
         for s in ("duplicated", "unique", "concept"):
-            r, f = results[n]["replication"].get(s), results[n]["fidelity"].get(s)
-            if not r:
-                continue
-            lines.append(f"| {n} | {s} | {r['generations']} | {_pct(r['replicated_fraction'])} | "
-                         f"{_pct(r['replicated_own_fraction'])} | {r['items_replicated']} | "
-                         f"{_f(r['similarity_mean'])} | {_pct(f['all'])} | " + " | ".join(_pct(f[a]) for a in named)
-                         + " |")
-    lines += ["", "## Filter decisions against the duplication ground truth", "",
-              "Eligible samples only (a caption dropped for guidance has m = 0 and is never judged). Precision: "
-              "share of dropped samples that were duplicates; recall: share of duplicated appearances dropped.", "",
-              "| run | steps | dropped | precision | recall (duplicated dropped) | unique dropped |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for n in names:
-        fd = results[n].get("filter")
+            r, f = res["replication"].get(s), res["fidelity"].get(s)
+            if r:
+                lines.append(f"| {n} | {s} | {r['generations']} | {_pct(r['replicated_fraction'])} | "
+                             f"{_pct(r['replicated_own_fraction'])} | {r['items_replicated']} | "
+                             f"{_f(r['similarity_mean'])} | {_pct(f['all'])} | "
+                             + " | ".join(_pct(f[a]) for a in named) + " |")
+    return lines
+
+
+def _decision_lines(results: dict) -> list[str]:
+    lines = ["", "## Filter decisions against the duplication ground truth", "",
+             "Eligible samples only (a caption dropped for guidance is never judged). Precision: share of dropped "
+             "samples that were duplicates; recall: share of duplicated appearances dropped.", "",
+             "| run | steps | dropped | precision | recall (duplicated dropped) | unique dropped |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n, res in results.items():
+        fd = res.get("filter")
         if not fd:
             continue
         phases = [(f"{a}-{b}", p) for p in fd["phases"] for a, b in [p["steps"]]] if fd["overall"]["dropped"] else []
         for label, p in [("all", fd["overall"])] + phases:
             lines.append(f"| {n} | {label} | {p['dropped']} | {_pct(p['precision'])} | {_pct(p['recall'])} | "
                          f"{_pct(p['unique_dropped_fraction'])} |")
-    lines += ["", "## Pictures", "", "![grid](grid.png)", "",
-              "grid.png: per duplicated item, its prompt and training image, then for each run generations above "
-              "their nearest training images (red frame: replicated).", "", "![detection](detection.png)", ""]
-    if mag:
+    return lines
+
+
+def _picture_lines(magnitudes: bool) -> list[str]:
+    lines = ["", "## Pictures", "", "![grid](grid.png)", "",
+             "grid.png: per duplicated item, its prompt and training image, then for each run generations above "
+             "their nearest training images (red frame: replicated).", "", "![detection](detection.png)", ""]
+    if magnitudes:
         lines += ["![magnitudes](magnitudes.png)", "", "magnitudes.png: the magnitude of every judged training "
                   "sample against its timestep, duplicated vs unique, early and late in each run; red rings were "
                   "dropped from the loss.", ""]
-    if timings:
-        lines += ["## Time", "", "| stage | seconds |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return out / "report.md"
+    return lines
+
+
+def _time_lines(timings: dict | None) -> list[str]:
+    if not timings:
+        return []
+    return ["## Time", "", "| stage | seconds |", "| --- | --- |"] + [f"| {k} | {v:.0f} |" for k, v in timings.items()]
 
 
 # --- several seeds --------------------------------------------------------------------------------

@@ -58,9 +58,8 @@ def export_pipeline(components: Components, unet, out_dir: str | Path, lora: boo
         StableDiffusionPipeline.save_lora_weights(
             save_directory=out_dir.parent / "lora", unet_lora_layers=convert_state_dict_to_diffusers(adapters),
             safe_serialization=True)
-        base = components.unet if components.unet is not unet else unet
-        fused = copy.deepcopy(base).to(torch.float32)     # fuse in fp32: small deltas vanish in bf16 weights
-        if base is not unet:                              # the fp32 base: give it the trained adapters
+        fused = copy.deepcopy(components.unet).to(torch.float32)   # fuse in fp32: deltas vanish in bf16 weights
+        if components.unet is not unet:                   # the fp32 base kept apart: give it the trained adapters
             fused.add_adapter(unet.peft_config["default"])
             set_peft_model_state_dict(fused, {k: v.float() for k, v in adapters.items()})
         fused.fuse_lora()
