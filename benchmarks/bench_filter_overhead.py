@@ -4,6 +4,7 @@
     python benchmarks/bench_filter_overhead.py                                  # tiny UNet on CPU, about 1 min
     python benchmarks/bench_filter_overhead.py --block-out-channels 64,128 --resolution 64
     python benchmarks/bench_filter_overhead.py --device cuda --sd-size --mixed-precision bf16
+    python benchmarks/bench_filter_overhead.py --family sdxl [--device cuda --sd-size]  # SDXL's conditioning
 
 Both variants run the project's own step, `train.step.filtered_diffusion_step`, on the same UNet,
 optimizer and batch, followed by backward, AdamW step and zero_grad, as the training loop does:
@@ -71,8 +72,8 @@ class Bench:
     noise_scheduler: object
     optimizer: torch.optim.Optimizer
     latents: torch.Tensor   # [B, 4, h, w]
-    embeds: torch.Tensor    # [B, 77, D]
-    uncond: torch.Tensor    # [1, 77, D]
+    cond: dict              # the UNet's keyword arguments, as the family builds them (SD: [B, 77, D] states)
+    uncond: dict            # the empty prompt's, batch B
     pixels: torch.Tensor    # [B, 3, H, W] in [-1, 1]: what the item policy hashes
     device: torch.device
     bf16: bool
@@ -80,28 +81,22 @@ class Bench:
 
 
 def build_bench(args: argparse.Namespace) -> Bench:
-    """The UNet (train.models.build_tiny's, or SD v1's shape), AdamW, and a random batch."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    from train.models import SD_SCHEDULER, build_tiny
+    """The UNet (the family's tiny one, or SD v1's / SDXL's shape), AdamW, and a random batch conditioned as the
+    family conditions it (SDXL: pooled embeddings and time ids as added conditions)."""
+    from train.families import FAMILIES, build_tiny_model
 
     device = torch.device(args.device)
-    if args.sd_size:   # SD v1's UNet (860M parameters); no VAE or text encoder: the batch is random anyway
+    if args.sd_size:   # the real UNet shape; no VAE or text encoder: the batch is random anyway
         torch.manual_seed(args.seed)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-        noise_scheduler = DDPMScheduler(**SD_SCHEDULER)
-        latent_hw, dim, what, factor = 64, 768, "SD v1 UNet, latents 4x64x64", 8
+        unet, noise_scheduler, latent_hw, dim, pooled = sd_size_unet(args.family)
+        what, factor = f"{args.family} full-size UNet, latents 4x{latent_hw}x{latent_hw}", 8
     else:
-        c = build_tiny(resolution=args.resolution, block_out_channels=args.block_out_channels,
-                       layers_per_block=args.layers_per_block, cross_attention_dim=args.cross_attention_dim,
-                       seed=args.seed)
+        cad = args.cross_attention_dim * (2 if args.family == "sdxl" else 1)
+        c = build_tiny_model(args.family, resolution=args.resolution, block_out_channels=args.block_out_channels,
+                             layers_per_block=args.layers_per_block, cross_attention_dim=cad, seed=args.seed)
         unet, noise_scheduler = c.unet, c.noise_scheduler
-        latent_hw, dim, factor = args.resolution // 2, args.cross_attention_dim, 2   # the tiny VAE: by 2
-        what = (f"tiny UNet {','.join(map(str, args.block_out_channels))} x{args.layers_per_block}, "
+        latent_hw, dim, pooled, factor = args.resolution // 2, cad, cad // 2, 2   # the tiny VAE: by 2
+        what = (f"tiny {args.family} UNet {','.join(map(str, args.block_out_channels))} x{args.layers_per_block}, "
                 f"{args.resolution} px -> latents 4x{latent_hw}x{latent_hw}")
     unet.to(device).train().requires_grad_(True)
     if args.gradient_checkpointing:
@@ -110,15 +105,43 @@ def build_bench(args: argparse.Namespace) -> Bench:
     g = torch.Generator().manual_seed(args.seed)
     b = args.batch_size
     latents = torch.randn(b, 4, latent_hw, latent_hw, generator=g).to(device)
-    embeds = torch.randn(b, 77, dim, generator=g).to(device)
-    uncond = torch.randn(1, 77, dim, generator=g).to(device)
+    family = FAMILIES[args.family](None)      # unet_kwargs needs no weights: random text stands in for encoders
+
+    def text(n):
+        t = {"encoder_hidden_states": torch.randn(n, 77, dim, generator=g).to(device)}
+        return {**t, "text_embeds": torch.randn(n, pooled, generator=g).to(device)} if args.family == "sdxl" else t
+    cond = family.unet_kwargs(text(b), resolution=latent_hw * factor)
+    uncond = family.uncond_like(text(1), b, resolution=latent_hw * factor)
     pixels = (torch.rand(b, 3, latent_hw * factor, latent_hw * factor, generator=g) * 2 - 1).to(device)
     n_params = sum(p.numel() for p in unet.parameters()) / 1e6
     desc = (f"{what} ({n_params:.1f}M params), batch {b}, {device.type}, "
             f"{'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}"
             f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    return Bench(unet, noise_scheduler, optimizer, latents, embeds, uncond, pixels, device,
+    return Bench(unet, noise_scheduler, optimizer, latents, cond, uncond, pixels, device,
                  args.mixed_precision == "bf16", desc)
+
+
+def sd_size_unet(family: str):
+    """(UNet, noise scheduler, latent size, text width, pooled width) of SD v1 (860M) or SDXL (2.6B)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from train.models import SD_SCHEDULER
+
+    if family == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        return unet, DDPMScheduler(**SD_SCHEDULER), 128, 2048, 1280
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    return unet, DDPMScheduler(**SD_SCHEDULER), 64, 768, 0
 
 
 def make_policy(variant: str, threshold: float) -> tuple[FilterPolicy, bool]:
@@ -144,7 +167,7 @@ def train_step(bench: Bench, policy: FilterPolicy, compute_magnitude: bool, seed
     gen = torch.Generator(device=bench.device).manual_seed(seed)
     groups = item_groups(policy.group_by, [], bench.pixels) if policy.uses_groups else None
     with torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.bf16):
-        out = filtered_diffusion_step(bench.unet, bench.noise_scheduler, bench.latents, bench.embeds, bench.uncond,
+        out = filtered_diffusion_step(bench.unet, bench.noise_scheduler, bench.latents, bench.cond, bench.uncond,
                                       policy, gen, compute_magnitude=compute_magnitude, groups=groups)
     out.loss_sum.backward()      # AdamW is scale-invariant: no division by the kept count needed here
     if out.kept_global:          # the loop skips the update when every sample was dropped
@@ -222,6 +245,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="torch.autocast for the step")
+    p.add_argument("--family", default="sd", choices=["sd", "sdxl"], help="model family (train/families)")
     p.add_argument("--sd-size", action="store_true",
                    help="SD v1's UNet (320,640,1280,1280, 64x64 latents, 768-d text) instead of the tiny one")
     p.add_argument("--resolution", type=int, default=32, help="tiny model: image px (latents are half)")

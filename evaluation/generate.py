@@ -21,11 +21,17 @@ def image_seed(seed: int, prompt: str, index: int) -> int:
 
 
 def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A StableDiffusionPipeline from a diffusers directory (a run's `pipeline/`) or hub id, without safety checker."""
-    from diffusers import StableDiffusionPipeline
+    """The pipeline of a diffusers directory (a run's `pipeline/`) or hub id, of the family its model_index.json
+    names (train.families: SD 1.x/2.x or SDXL), without safety checker."""
+    from diffusers import DiffusionPipeline
 
+    from train.families import family_class, read_model_index
+
+    family = family_class(read_model_index(str(path)).get("_class_name", ""), f"pipeline {path}")
     kw = {"torch_dtype": dtype} if dtype is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False, **kw)
+    if family.name == "sd":
+        kw.update(safety_checker=None, requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(str(path), **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -37,7 +43,7 @@ def generate(pipe, prompts: list[dict], out_dir: str | Path, *, set_name: str, n
     """Generate `num_images_per_prompt` images per prompt; returns (and writes) the index rows.
 
     Args:
-        pipe: a StableDiffusionPipeline.
+        pipe: a text-to-image pipeline of a known family (load_pipeline).
         prompts: [{prompt, meta}] (evaluation.prompts).
         out_dir: images go to <out_dir>/<set_name>/<prompt id>-<index>.png, the index to
             <out_dir>/<set_name>/index.parquet.

@@ -11,6 +11,7 @@ import hashlib
 
 import torch
 
+from filtering.conditioning import as_conditioning, cat, expand, leaves, num_rows, select
 from filtering.signal import magnitude_from_predictions
 
 
@@ -19,7 +20,7 @@ def _seed(seed: int, prompt_index: int, generation: int) -> int:
 
 
 @torch.no_grad()
-def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_embeds: torch.Tensor,
+def trajectory_magnitudes(unet, scheduler, prompt_cond: torch.Tensor | dict, uncond: torch.Tensor | dict,
                           latent_shape: tuple[int, int, int], *, num_generations: int = 4, num_steps: int = 1,
                           num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
                           batch_size: int = 16, generator_device: str | torch.device = "cpu",
@@ -28,7 +29,9 @@ def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_e
 
     Args:
         unet: the UNet (eval mode). scheduler: a diffusers scheduler with set_timesteps/step (DDIM).
-        prompt_embeds: [P, L, D] prompt embeddings. uncond_embeds: [1, L, D] empty-prompt embedding.
+        prompt_cond: the P prompts' conditioning, the denoiser's keyword arguments (filtering.conditioning;
+            a bare [P, L, D] tensor is SD's encoder_hidden_states).
+        uncond: the empty prompt's conditioning as the pipeline's CFG uses it, batch 1 (same forms).
         latent_shape: (C, h, w) of one latent.
         num_generations: n initial noises per prompt. Default 4.
         num_steps: first k sampling steps measured. Default 1.
@@ -42,9 +45,11 @@ def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_e
     if not 1 <= num_steps <= num_inference_steps:
         raise ValueError(f"num_steps={num_steps}: detection measures the first k of the num_inference_steps="
                          f"{num_inference_steps} sampling steps; choose 1 <= num_steps <= num_inference_steps")
-    dev, dtype = prompt_embeds.device, prompt_embeds.dtype
-    pairs = [(i, j) for i in range(prompt_embeds.shape[0]) for j in range(num_generations)]
-    out = torch.zeros(prompt_embeds.shape[0], num_generations, num_steps)
+    prompt_cond, uncond = as_conditioning(prompt_cond), as_conditioning(uncond)
+    first = leaves(prompt_cond)[0]
+    dev, dtype, num_prompts = first.device, first.dtype, num_rows(prompt_cond)
+    pairs = [(i, j) for i in range(num_prompts) for j in range(num_generations)]
+    out = torch.zeros(num_prompts, num_generations, num_steps)
     ptype = scheduler.config.get("prediction_type", "epsilon")
     alphas = getattr(scheduler, "alphas_cumprod", None)
     for start in range(0, len(pairs), batch_size):
@@ -54,11 +59,11 @@ def trajectory_magnitudes(unet, scheduler, prompt_embeds: torch.Tensor, uncond_e
             _seed(seed, index_offset + i, j)), device=generator_device) for i, j in chunk]).to(dev, dtype)   # [b, C, h, w]
         scheduler.set_timesteps(num_inference_steps, device=dev)    # before init_noise_sigma: it can depend on it
         latents = latents * scheduler.init_noise_sigma
-        cond = prompt_embeds[[i for i, _ in chunk]]                                         # [b, L, D]
-        context = torch.cat([cond, uncond_embeds.expand(b, -1, -1)])                         # [2b, L, D]
+        cond = select(prompt_cond, [i for i, _ in chunk])                                     # b rows
+        context = cat([cond, expand(uncond, b)])                                               # 2b rows
         for k, t in enumerate(scheduler.timesteps[:num_steps]):
             x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            pred = unet(x_in, t, encoder_hidden_states=context).sample
+            pred = unet(x_in, t, **context).sample
             pred_c, pred_u = pred.chunk(2)
             ts = torch.full((b,), int(t), device=dev, dtype=torch.long)
             m = magnitude_from_predictions(pred_c, pred_u, prediction_type=ptype, alphas_cumprod=alphas,

@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+from filtering.conditioning import as_conditioning, expand
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -59,38 +61,38 @@ def magnitude_from_predictions(cond_pred: torch.Tensor, uncond_pred: torch.Tenso
 
 @torch.no_grad()
 def text_noise_magnitude(unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                         uncond_embeds: torch.Tensor, *, cond_pred: torch.Tensor | None = None,
-                         cond_embeds: torch.Tensor | None = None, prediction_type: str = "epsilon",
+                         uncond: torch.Tensor | dict, *, cond_pred: torch.Tensor | None = None,
+                         cond: torch.Tensor | dict | None = None, prediction_type: str = "epsilon",
                          alphas_cumprod: torch.Tensor | None = None,
                          autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
     """Magnitude m for a batch: the one function training, curation and detection call.
 
     Training passes the conditional prediction of its own forward (`cond_pred`), so the signal costs
     one extra no-grad forward with the empty prompt at the same x_t and t. Detection passes
-    `cond_embeds` instead and pays two forwards.
+    `cond` instead and pays two forwards.
 
     Args:
         unet: a diffusers UNet2DConditionModel (or anything called the same way).
         noisy_latents: x_t, [B, C, H, W].
         timesteps: [B] integer timesteps.
-        uncond_embeds: e_0, [1, L, D] or [B, L, D]; broadcast over the batch.
+        uncond: the empty-prompt conditioning e_0: the denoiser's keyword arguments
+            (filtering.conditioning; SDXL's carry the same time_ids as the prompts') or a bare [1|B, L, D]
+            embedding; batch 1 is broadcast over the batch.
         cond_pred: the UNet output for the prompts at (x_t, t), if the caller has it.
-        cond_embeds: e_p, [B, L, D]; used only when cond_pred is None.
+        cond: the prompts' conditioning e_p (same forms, batch B); used only when cond_pred is None.
         prediction_type: what the UNet predicts (its scheduler's prediction_type).
         alphas_cumprod: scheduler.alphas_cumprod, needed for v_prediction and sample.
         autocast: context for the extra forwards (e.g. accelerator.autocast()); default none.
     Returns:
         [B] float32 magnitudes, detached.
     """
-    b = noisy_latents.shape[0]
-    if uncond_embeds.shape[0] == 1 and b > 1:
-        uncond_embeds = uncond_embeds.expand(b, *uncond_embeds.shape[1:])
+    uncond = expand(as_conditioning(uncond), noisy_latents.shape[0])
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     with ctx:
         if cond_pred is None:
-            if cond_embeds is None:
-                raise ValueError("text_noise_magnitude needs cond_pred or cond_embeds")
-            cond_pred = unet(noisy_latents, timesteps, encoder_hidden_states=cond_embeds).sample
-        uncond_pred = unet(noisy_latents, timesteps, encoder_hidden_states=uncond_embeds).sample
+            if cond is None:
+                raise ValueError("text_noise_magnitude needs cond_pred or cond")
+            cond_pred = unet(noisy_latents, timesteps, **as_conditioning(cond)).sample
+        uncond_pred = unet(noisy_latents, timesteps, **uncond).sample
     return magnitude_from_predictions(cond_pred, uncond_pred, prediction_type=prediction_type,
                                       alphas_cumprod=alphas_cumprod, timesteps=timesteps)

@@ -13,7 +13,8 @@ from train.data.duplication import DuplicatedDataset, make_plan
 from train.data.hf import HFSource
 from train.data.imagefolder import ImageFolderSource
 from train.data.wds import WebDatasetSource
-from train.models import Components, build_tiny, load_pretrained
+from train.families import build_tiny_model, get_family, load_pretrained
+from train.models import Components
 from toyworld.world import ToyWorld, ToyWorldDataset, WorldSpec
 
 
@@ -35,7 +36,8 @@ def resolve_pretrained(pretrained: str) -> str:
 
 
 def build_components(model: DictConfig) -> Components:
-    """model.pretrained (directory, hub id or builtin:<name>) or the tiny model built from model.tiny."""
+    """model.pretrained (directory, hub id or builtin:<name>; its family from model_index.json) or the tiny model
+    of model.tiny.family built from model.tiny."""
     if model.pretrained:
         path = resolve_pretrained(model.pretrained)
         try:
@@ -46,13 +48,12 @@ def build_components(model: DictConfig) -> Components:
                               "diffusers directory (as save_pretrained writes it) or a hub id that is cached "
                               "(HF_HUB_OFFLINE=1), or use model=tiny") from e
     tiny = OmegaConf.to_container(model.tiny, resolve=True)
-    return build_tiny(**tiny, prediction_type=model.prediction_type or "epsilon")
+    return build_tiny_model(**tiny, prediction_type=model.prediction_type or "epsilon")
 
 
 def native_resolution(components: Components) -> int:
     """Pixels the UNet was built for: sample_size x the VAE's downsampling factor."""
-    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    return int(components.unet.config.sample_size) * factor
+    return get_family(components).native_resolution()
 
 
 # What the world group (conf/world/default.yaml) holds: every ToyWorld field but the geometry (spec).

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
+from train.families import FAMILIES
+
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -72,6 +74,7 @@ _RULES = [
     ("optim.adam_epsilon", lambda v: _is_num(v) and v > 0, "a number > 0"),
     ("model.prediction_type", lambda v: v in (None, "epsilon", "v_prediction"), "null, epsilon or v_prediction"),
     ("model.lora.rank", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: full fine-tuning)"),
+    ("model.tiny.family", lambda v: v in FAMILIES, f"one of {', '.join(FAMILIES)} (model=tiny or model=tiny_sdxl)"),
     ("logger.name", lambda v: v in ("wandb", "none"), "wandb or none (pick with logger=wandb / logger=none)"),
     ("interpolation", lambda v: v in ("bicubic", "lanczos", "bilinear"), "bicubic, lanczos or bilinear"),
     ("resume_from_checkpoint", lambda v: v is None or isinstance(v, str), "null, latest or a checkpoint path"),

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tiny ops: one intra-op th
 
 @pytest.fixture(scope="module")
 def unet() -> UNet2DConditionModel:
-    # the same wiring as train.models.build_tiny, UNet only (the signal needs nothing else)
+    # the same wiring as train.families.sd.build_tiny, UNet only (the signal needs nothing else)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = UNet2DConditionModel(
@@ -51,11 +51,11 @@ def _direct(unet, x_t, t, cond, uncond_full):
     return torch.stack([torch.linalg.vector_norm((pc[i] - pu[i]).float()) for i in range(x_t.shape[0])]), pc, pu
 
 
-def test_matches_two_explicit_unet_calls_with_cond_embeds(unet, batch):
+def test_matches_two_explicit_unet_calls_with_cond(unet, batch):
     x_t, t, cond, uncond = batch
     expected, _, _ = _direct(unet, x_t, t, cond, uncond.expand(B, L, D))
     assert (expected > 0).all()                      # the text really changes the prediction
-    m = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond)
+    m = text_noise_magnitude(unet, x_t, t, uncond, cond=cond)
     assert m.shape == (B,) and m.dtype == torch.float32
     assert not m.requires_grad
     torch.testing.assert_close(m, expected, rtol=1e-5, atol=1e-6)
@@ -69,19 +69,19 @@ def test_matches_with_cond_pred_from_a_training_forward(unet, batch):
     m = text_noise_magnitude(unet, x_t, t, uncond, cond_pred=cond_pred)
     assert m.shape == (B,) and m.dtype == torch.float32 and not m.requires_grad
     torch.testing.assert_close(m, expected, rtol=1e-5, atol=1e-6)
-    # cond_pred wins over cond_embeds: garbage embeddings are ignored when the prediction is given
-    m2 = text_noise_magnitude(unet, x_t, t, uncond, cond_pred=cond_pred, cond_embeds=cond * 100)
+    # cond_pred wins over cond: garbage embeddings are ignored when the prediction is given
+    m2 = text_noise_magnitude(unet, x_t, t, uncond, cond_pred=cond_pred, cond=cond * 100)
     torch.testing.assert_close(m2, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_uncond_broadcast_equals_per_sample_uncond(unet, batch):
     x_t, t, cond, uncond = batch
-    m_broadcast = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond)
-    m_full = text_noise_magnitude(unet, x_t, t, uncond.repeat(B, 1, 1), cond_embeds=cond)
+    m_broadcast = text_noise_magnitude(unet, x_t, t, uncond, cond=cond)
+    m_full = text_noise_magnitude(unet, x_t, t, uncond.repeat(B, 1, 1), cond=cond)
     torch.testing.assert_close(m_broadcast, m_full, rtol=1e-5, atol=1e-6)
     # each sample alone gives its own entry of the batch result (no mixing across the batch)
     for i in range(B):
-        mi = text_noise_magnitude(unet, x_t[i:i + 1], t[i:i + 1], uncond, cond_embeds=cond[i:i + 1])
+        mi = text_noise_magnitude(unet, x_t[i:i + 1], t[i:i + 1], uncond, cond=cond[i:i + 1])
         torch.testing.assert_close(mi, m_broadcast[i:i + 1], rtol=1e-4, atol=1e-5)
 
 
@@ -97,7 +97,7 @@ def test_unet_output_as_v_or_x0_gives_the_noise_prediction_magnitude(unet, sched
     else:
         to_eps = lambda out: (x_t.double() - a * out.double()) / s        # noqa: E731
     expected = torch.linalg.vector_norm((to_eps(pc) - to_eps(pu)).flatten(1), dim=1).float()
-    m = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type=prediction_type,
+    m = text_noise_magnitude(unet, x_t, t, uncond, cond=cond, prediction_type=prediction_type,
                              alphas_cumprod=scheduler.alphas_cumprod)
     assert m.dtype == torch.float32 and m.shape == (B,)
     torch.testing.assert_close(m, expected, rtol=1e-4, atol=1e-6)
@@ -141,8 +141,8 @@ def test_known_x0_and_noise_converted_predictions_give_epsilon_magnitude(schedul
 
 def test_bf16_autocast_returns_float32_close_to_fp32(unet, batch):
     x_t, t, cond, uncond = batch
-    m32 = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond)
-    m16 = text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond,
+    m32 = text_noise_magnitude(unet, x_t, t, uncond, cond=cond)
+    m16 = text_noise_magnitude(unet, x_t, t, uncond, cond=cond,
                                autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     assert m16.dtype == torch.float32 and m16.shape == (B,)
     assert torch.isfinite(m16).all()
@@ -156,13 +156,13 @@ def test_bf16_autocast_returns_float32_close_to_fp32(unet, batch):
 def test_errors(unet, batch, scheduler):
     x_t, t, cond, uncond = batch
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type="v_prediction")
+        text_noise_magnitude(unet, x_t, t, uncond, cond=cond, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="alphas_cumprod"):
-        text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type="sample")
-    with pytest.raises(ValueError, match="cond_pred or cond_embeds"):
+        text_noise_magnitude(unet, x_t, t, uncond, cond=cond, prediction_type="sample")
+    with pytest.raises(ValueError, match="needs cond_pred or cond$"):
         text_noise_magnitude(unet, x_t, t, uncond)
     with pytest.raises(ValueError, match="prediction_type"):
-        text_noise_magnitude(unet, x_t, t, uncond, cond_embeds=cond, prediction_type="flow",
+        text_noise_magnitude(unet, x_t, t, uncond, cond=cond, prediction_type="flow",
                              alphas_cumprod=scheduler.alphas_cumprod)
     with pytest.raises(ValueError, match="alphas_cumprod"):
         x = torch.randn(B, C, H, W)

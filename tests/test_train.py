@@ -86,7 +86,7 @@ def test_pretrained_directory_v_prediction_lora_and_ema(tmp_path):
     from launch.builders import build_components
     base = build_components(compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
                                      "model.tiny.vae_channels=[32,32]"]).model)
-    from train.models import build_pipeline
+    from train.families import build_pipeline
     build_pipeline(base).save_pretrained(tmp_path / "base")
 
     run_dir, summary = train_in_process(tmp_path / "lora", [
@@ -246,7 +246,7 @@ def test_lora_in_bf16_is_fused_into_the_full_precision_base(tmp_path):
     bit, plus the adapters' delta computed in fp32, not a bf16 copy upcast."""
     from safetensors.torch import load_file
     from launch.builders import build_components
-    from train.models import build_pipeline
+    from train.families import build_pipeline
 
     base = build_components(compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
                                      "model.tiny.vae_channels=[32,32]"]).model)

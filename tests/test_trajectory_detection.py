@@ -6,7 +6,7 @@ from diffusers import DDIMScheduler
 
 from filtering.detection import _seed, detection_scores, trajectory_magnitudes
 from filtering.signal import text_noise_magnitude
-from train.models import build_tiny
+from train.families import build_tiny
 
 
 def _setup(prediction_type="epsilon"):
@@ -31,7 +31,7 @@ def test_first_step_equals_the_signal_at_x_T():
         for j in range(3):
             x = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(_seed(0, i, j)))[None]
             direct = text_noise_magnitude(c.unet, x * sched.init_noise_sigma, torch.tensor([int(t0)]), uncond,
-                                          cond_embeds=prompts[i:i + 1])
+                                          cond=prompts[i:i + 1])
             torch.testing.assert_close(mags[i, j, 0], direct[0], rtol=1e-4, atol=1e-5)
     # the second step follows the guided trajectory: it differs from the first
     assert not torch.allclose(mags[..., 0], mags[..., 1])

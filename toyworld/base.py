@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from toyworld.world import SPLITS, WorldSpec, draw_item, fidelity
-from train.models import Components, build_pipeline, build_tiny
+from train.families import build_pipeline, build_tiny
+from train.models import Components
 
 log = logging.getLogger("memfilter.world_base")
 
@@ -50,7 +51,7 @@ class BaseArgs:
         ema_decay: EMA decay of UNet and text encoder. Default 0.999.
         eval_every: UNet steps between fidelity checks. Default 500.
         block_out_channels, cross_attention_levels, cross_attention_dim, vae_channels, max_length:
-            model shape (see train.models.build_tiny). Defaults (64, 128), 2, 64, (32, 64), 16.
+            model shape (see train.families.sd.build_tiny). Defaults (64, 128), 2, 64, (32, 64), 16.
         vae_from: a diffusers directory whose trained `vae/` is reused instead of training one (e.g. an
             earlier build; the UNet stage is the long one). Default None: train it.
     """

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from train.models import Components, build_pipeline
+from train.families import build_pipeline, get_family
+from train.models import Components
 
 
 @torch.no_grad()
@@ -42,7 +43,8 @@ def save_images(images: list[tuple[str, int, object]], folder: str | Path) -> li
 
 
 def export_pipeline(components: Components, unet, out_dir: str | Path, lora: bool = False) -> Path:
-    """Save the final model as a full StableDiffusionPipeline (loadable by `from_pretrained`).
+    """Save the final model as its family's full pipeline (loadable by `from_pretrained`), with the base model's
+    scheduler.
 
     With LoRA, `pytorch_lora_weights.safetensors` goes to <out_dir>/../lora as diffusers writes it, and the
     pipeline gets the adapters fused into the full-precision base UNet of `components` (kept in fp32 when the
@@ -50,14 +52,11 @@ def export_pipeline(components: Components, unet, out_dir: str | Path, lora: boo
     """
     out_dir = Path(out_dir)
     if lora:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         adapters = get_peft_model_state_dict(unet)
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=out_dir.parent / "lora", unet_lora_layers=convert_state_dict_to_diffusers(adapters),
-            safe_serialization=True)
+        get_family(components).save_lora(out_dir.parent / "lora", convert_state_dict_to_diffusers(adapters))
         fused = copy.deepcopy(components.unet).to(torch.float32)   # fuse in fp32: deltas vanish in bf16 weights
         if components.unet is not unet:                   # the fp32 base kept apart: give it the trained adapters
             fused.add_adapter(unet.peft_config["default"])

@@ -37,6 +37,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from filtering.conditioning import where
 from filtering.policies import FilterPolicy, item_groups
 from filtering.protect import Protect
 from filtering.records import RecordWriter
@@ -46,6 +47,7 @@ from train.data.report import DataReport, merge_reports, write_report
 from train.data.transforms import ImageTransform
 from train.data.wds import WebDatasetSource
 from train.export import export_pipeline, save_images, validation_images
+from train.families import get_family
 from train.models import Components, add_lora
 from train.step import StepStats, filtered_diffusion_step
 from train.tracking import NullTracker
@@ -250,7 +252,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         accelerator: an Accelerator created with gradient_accumulation_steps=1 (the loop accumulates
             itself, to normalise by the kept count) and a seedable sampler
             (DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)).
-        components: tokenizer, text encoder, VAE, UNet, noise scheduler.
+        components: the model's parts; their family (train.families) encodes, denoises and exports.
         dataset: map-style dataset of Samples (key, image, caption, meta).
         policy: the filter policy (decides on gathered magnitudes; saved in checkpoints).
         args: loop settings. optim: optimizer and schedule settings.
@@ -274,13 +276,12 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         raise ValueError(f"{accelerator.distributed_type} is not supported yet: the loop normalises gradients "
                          "by the global kept count itself and exports on rank 0; use DDP (multi_gpu)")
     c = components
+    family = get_family(c)
     # the exported pipeline gets the frozen modules in full precision, not their training-time casts (with
     # LoRA the UNet's base weights too: the adapters are fused into this copy)
     frozen_unet = copy.deepcopy(c.unet) if args.lora_rank and weight_dtype != torch.float32 else c.unet
-    export_c = Components(c.tokenizer, copy.deepcopy(c.text_encoder), copy.deepcopy(c.vae), frozen_unet,
-                          c.noise_scheduler) if weight_dtype != torch.float32 else c
-    c.vae.requires_grad_(False).to(dev, dtype=weight_dtype)
-    c.text_encoder.requires_grad_(False).to(dev, dtype=weight_dtype)
+    export_c = family.frozen_copy(frozen_unet) if weight_dtype != torch.float32 else c
+    family.prepare_frozen(dev, weight_dtype)
     unet = c.unet
     if args.lora_rank:
         with torch.random.fork_rng(devices=[]):      # the same adapters for every run with this seed
@@ -309,7 +310,8 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                   weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
 
-    collate = CollateForTraining(c.tokenizer, ImageTransform(args.resolution, args.interpolation, args.center_crop,
+    tokenize = family.tokenize_fn()
+    collate = CollateForTraining(tokenize, ImageTransform(args.resolution, args.interpolation, args.center_crop,
                                                              args.random_flip, args.seed))
     streaming = isinstance(dataset, WebDatasetSource)
     if streaming:   # the source splits by node and worker and batches itself: accelerate must not shard it
@@ -334,10 +336,7 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
     lr_scheduler = get_scheduler(optim.lr_scheduler, optimizer=optimizer, num_warmup_steps=optim.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=optim.lr_num_cycles, power=optim.lr_power)
 
-    with torch.no_grad():
-        uncond_ids = c.tokenizer([""], padding="max_length", max_length=c.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(dev)
-        uncond_embeds = c.text_encoder(uncond_ids)[0]                     # [1, L, D]
+    empty = family.empty_text(dev)        # the unconditional text, batch 1 (caption dropout and the magnitude)
 
     # --- resume -----------------------------------------------------------------------------------
     state = TrainState()
@@ -415,26 +414,28 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
             b = len(batch["keys"])
             data_report.add_used(b)
             if b == 0:      # every sample of this batch was bad: one filler row keeps this rank in the all-reduce
-                batch = {**batch, "pixel_values": torch.zeros(1, 3, args.resolution, args.resolution),
-                         "input_ids": uncond_ids.cpu(), "dup_group": torch.full((1,), -1)}
+                batch = {**batch, **tokenize([""]), "pixel_values": torch.zeros(1, 3, args.resolution, args.resolution),
+                         "original_sizes": torch.full((1, 2), args.resolution), "crop_top_lefts": torch.zeros(1, 2),
+                         "dup_group": torch.full((1,), -1)}
             valid = torch.arange(max(b, 1), device=dev) < b
             gen = torch.Generator(device=dev).manual_seed(step_seed(args.seed, rank, state.global_step, micro))
             with torch.no_grad():
                 pixels = batch["pixel_values"].to(dev, weight_dtype)
-                latents = c.vae.encode(pixels).latent_dist.sample(gen)
-                latents = latents.float() * c.vae.config.scaling_factor
-                ids = batch["input_ids"].to(dev)
-                dropped = torch.rand(ids.shape[0], generator=gen, device=dev) < args.proportion_empty_prompts
-                ids = torch.where(dropped[:, None], uncond_ids, ids)
+                latents = family.encode_images(pixels, gen)                  # [n, C, h, w] float32
+                n = latents.shape[0]
+                dropped = torch.rand(n, generator=gen, device=dev) < args.proportion_empty_prompts
                 judged = ~dropped
                 if protect and b:         # intended memorization: kept, and out of the policy's statistics
                     judged[:b] &= ~protect.mask(batch["keys"], batch["captions"]).to(dev)
-                embeds = c.text_encoder(ids)[0]
+                text = where(dropped, empty, family.encode_text({k: batch[k].to(dev) for k in tokenize.tokenizers}))
+                sizes = {"resolution": args.resolution, "original_sizes": batch["original_sizes"],
+                         "crop_top_lefts": batch["crop_top_lefts"]}
+                cond, uncond = family.unet_kwargs(text, **sizes), family.uncond_like(empty, n, **sizes)
             sync = accelerator.no_sync(unet) if micro < args.gradient_accumulation_steps - 1 \
                 else contextlib.nullcontext()
             with sync:
                 out = filtered_diffusion_step(
-                    unet, c.noise_scheduler, latents, embeds, uncond_embeds, policy, gen,
+                    unet, c.noise_scheduler, latents, cond, uncond, policy, gen,
                     eligible=judged, is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=raw_unet,
                     snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=accelerator.gather,
                     rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m, valid=valid,

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from filtering.conditioning import as_conditioning
 from filtering.policies import FilterPolicy
 from filtering.signal import text_noise_magnitude
 
@@ -103,8 +104,8 @@ def filtered_diffusion_step(
     unet: torch.nn.Module,
     noise_scheduler,
     latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    uncond_embeds: torch.Tensor,
+    cond: torch.Tensor | dict,
+    uncond: torch.Tensor | dict,
     policy: FilterPolicy,
     generator: torch.Generator,
     *,
@@ -127,8 +128,9 @@ def filtered_diffusion_step(
         unet: the trainable UNet as the loop calls it (possibly DDP-wrapped).
         noise_scheduler: training noise scheduler (DDPMScheduler); its prediction_type sets the target.
         latents: VAE latents times scaling factor, [B, C, h, w].
-        encoder_hidden_states: prompt embeddings, [B, L, D].
-        uncond_embeds: empty-prompt embedding, [1, L, D].
+        cond: the prompts' conditioning, the UNet's keyword arguments built by the model family
+            (filtering.conditioning; a bare [B, L, D] tensor is SD's encoder_hidden_states).
+        uncond: the empty prompt's conditioning, batch 1 or B (SDXL: with the batch's own time ids).
         policy: decides the keep mask from the gathered magnitudes.
         generator: RNG for noise and timesteps (the loop seeds it per rank and step).
         eligible: [B] bool, samples the policy may judge; default all.
@@ -149,10 +151,10 @@ def filtered_diffusion_step(
     """
     b, dev, ptype = latents.shape[0], latents.device, noise_scheduler.config.prediction_type
     noisy, timesteps, target = noised_inputs(noise_scheduler, latents, generator, noise_offset)
-    pred = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample  # [B,C,h,w], grad
+    pred = unet(noisy, timesteps, **as_conditioning(cond)).sample  # [B,C,h,w], grad
 
     if compute_magnitude:
-        m = text_noise_magnitude(magnitude_unet or unet, noisy, timesteps, uncond_embeds, cond_pred=pred,
+        m = text_noise_magnitude(magnitude_unet or unet, noisy, timesteps, uncond, cond_pred=pred,
                                  prediction_type=ptype, alphas_cumprod=noise_scheduler.alphas_cumprod,
                                  autocast=autocast)
     else:

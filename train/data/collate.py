@@ -1,6 +1,7 @@
 """Samples -> training batch.
 
-Batch: pixel_values [B,3,H,W] in [-1,1], input_ids [B,L], keys, captions, dup_group [B], and skipped:
+Batch: pixel_values [B,3,H,W] in [-1,1], the family's token ids ([B,L] each: input_ids, SDXL's input_ids_2),
+original_sizes and crop_top_lefts [B,2] (SDXL's time ids), keys, captions, dup_group [B], and skipped:
 the (key, reason, detail) of samples the source marked bad, so the training process can count them.
 A source marks a bad sample by returning {"key": ..., "skip": reason, "detail": ...} instead of a Sample.
 """
@@ -16,16 +17,34 @@ def skip_record(key, reason: str, detail: str = "") -> dict:
     return {"key": str(key), "skip": reason, "detail": detail}
 
 
+class Tokenize:
+    """captions -> {name: [B, L] token ids}, one entry per tokenizer, each padded to its model_max_length.
+    Picklable, so the collate can run it in dataloader workers."""
+
+    def __init__(self, **tokenizers):
+        self.tokenizers = tokenizers
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tok in self.tokenizers.items():
+            out[name] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids if captions else \
+                torch.zeros(0, tok.model_max_length, dtype=torch.long)
+        return out
+
+
 class CollateForTraining:
     """Picklable collate (it runs in dataloader workers).
 
     Args:
-        tokenizer: the model's tokenizer (pads to its model_max_length).
+        tokenize: the model family's Tokenize (train.families: captions -> token ids by name), or one tokenizer
+            (its ids become input_ids).
         transform: ImageTransform (resize, crop, flip, normalise); its randomness uses meta["epoch"].
     """
 
-    def __init__(self, tokenizer, transform: ImageTransform):
-        self.tokenizer, self.transform = tokenizer, transform
+    def __init__(self, tokenize, transform: ImageTransform):
+        self.tokenize = tokenize if isinstance(tokenize, Tokenize) else Tokenize(input_ids=tokenize)
+        self.transform = transform
 
     def __call__(self, samples: list[dict]) -> dict:
         good, skipped = [], []
@@ -34,21 +53,20 @@ class CollateForTraining:
                 skipped.append((s["key"], s["skip"], s.get("detail", "")))
                 continue
             try:
-                pixels = self.transform(s["image"], s["key"], s["meta"].get("epoch", 0))
+                pixels, original, crop = self.transform.apply(s["image"], s["key"], s["meta"].get("epoch", 0))
             except BadSample as e:
                 skipped.append((s["key"], e.reason, e.detail))
                 continue
-            good.append((s, pixels))
-        captions = [s["caption"] for s, _ in good]
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids if good else \
-            torch.zeros(0, self.tokenizer.model_max_length, dtype=torch.long)
+            good.append((s, pixels, original, crop))
+        captions = [g[0]["caption"] for g in good]
         res = self.transform.resolution
         return {
-            "pixel_values": torch.stack([p for _, p in good]) if good else torch.zeros(0, 3, res, res),
-            "input_ids": ids,
-            "keys": [s["key"] for s, _ in good],
+            "pixel_values": torch.stack([g[1] for g in good]) if good else torch.zeros(0, 3, res, res),
+            **self.tokenize(captions),
+            "original_sizes": torch.tensor([g[2] for g in good], dtype=torch.long).reshape(-1, 2),
+            "crop_top_lefts": torch.tensor([g[3] for g in good], dtype=torch.long).reshape(-1, 2),
+            "keys": [g[0]["key"] for g in good],
             "captions": captions,
-            "dup_group": torch.tensor([int(s["meta"].get("dup_group", -1)) for s, _ in good], dtype=torch.long),
+            "dup_group": torch.tensor([int(g[0]["meta"].get("dup_group", -1)) for g in good], dtype=torch.long),
             "skipped": skipped,
         }

@@ -147,8 +147,14 @@ class ImageTransform:
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
 
     def __call__(self, image: Image.Image, key: str = "", epoch: int = 0) -> torch.Tensor:
+        return self.apply(image, key, epoch)[0]
+
+    def apply(self, image: Image.Image, key: str = "", epoch: int = 0) -> tuple[torch.Tensor, tuple, tuple]:
+        """(pixels [3, r, r], original (height, width), crop (top, left) in the resized image, after the flip):
+        SDXL conditions on the last two (its time ids)."""
         r = self.resolution
         w, h = image.size
+        original = (h, w)
         s = r / min(w, h)
         size = (max(r, round(w * s)), max(r, round(h * s)))
         if size != (w, h):
@@ -162,6 +168,7 @@ class ImageTransform:
         image = image.crop((left, top, left + r, top + r))
         if self.random_flip and rng_for(self.seed, epoch, key, "flip").random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            left = w - left - r                       # the crop's left edge in the flipped image
         arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)         # [3, H, W]
         # numpy, not torch, for the layout change: torch's intra-op threads make this small copy slow
-        return torch.from_numpy(np.ascontiguousarray(arr) / 127.5 - 1.0)
+        return torch.from_numpy(np.ascontiguousarray(arr) / 127.5 - 1.0), original, (top, left)
