@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from filtering.conditioning import where
@@ -45,7 +44,7 @@ from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data.collate import CollateForTraining
 from train.data.report import DataReport, merge_reports, write_report
 from train.data.transforms import ImageTransform
-from train.data.wds import WebDatasetSource
+from train.data.feed import data_stream, make_feed
 from train.export import export_pipeline, save_images, validation_images
 from train.families import get_family
 from train.models import Components, add_lora
@@ -178,35 +177,6 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     return int(hashlib.sha256(f"{seed}/{rank}/{step}/{micro}".encode()).hexdigest()[:15], 16)
 
 
-def _data_stream(accelerator, dataloader, state: "TrainState", num_workers: int):
-    """Micro-batches forever, epoch after epoch: (epoch, batches consumed in that epoch, batch).
-
-    Map-style data: accelerate's seedable sampler, skipping the consumed batches on resume.
-    Streaming data (WebDatasetSource): the source itself resumes from the saved worker positions.
-    """
-    source = dataloader.dataset
-    streaming = isinstance(source, WebDatasetSource)
-    epoch, skip = state.epoch, state.batches_in_epoch
-    n = source.batches_per_epoch(epoch) if streaming else len(dataloader)
-    if skip >= n:
-        epoch, skip = epoch + 1, 0
-    while True:
-        if streaming:
-            if skip:
-                source.set_resume(epoch, skip, state.positions, num_workers)
-            else:
-                source.set_epoch(epoch)
-            loader = dataloader
-        else:
-            if hasattr(source, "set_epoch"):
-                source.set_epoch(epoch)       # workers are not persistent: each epoch copies the dataset
-            dataloader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        for i, batch in enumerate(loader, start=skip + 1):
-            yield epoch, i, batch
-        epoch, skip = epoch + 1, 0
-
-
 class _Window:
     """Step statistics gathered between two log lines (main process only)."""
 
@@ -253,7 +223,8 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
             itself, to normalise by the kept count) and a seedable sampler
             (DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)).
         components: the model's parts; their family (train.families) encodes, denoises and exports.
-        dataset: map-style dataset of Samples (key, image, caption, meta).
+        dataset: a map-style dataset of Samples (key, image, caption, meta) or a streaming source with its own
+            feed (train.data.feed).
         policy: the filter policy (decides on gathered magnitudes; saved in checkpoints).
         args: loop settings. optim: optimizer and schedule settings.
         tracker: WandbTracker on the main process, NullTracker (default) elsewhere.
@@ -263,248 +234,288 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         The run summary (also written to <output_dir>/train_summary.json).
     """
     t0 = time.time()
-    tracker = tracker or NullTracker()
-    run_dir = Path(args.output_dir)
-    dev, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if accelerator.gradient_accumulation_steps != 1:
-        raise ValueError("create the Accelerator with gradient_accumulation_steps=1: the loop accumulates itself")
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    run = _Run(accelerator, components, policy, args, tracker or NullTracker(), config, protect)
+    run.build_model()
+    run.build_optimizer(optim)
+    run.build_data(dataset, optim)
+    run.resume()
+    stream = data_stream(run.feed, run.state)
+    bar = tqdm(total=run.max_steps, initial=run.state.global_step, desc="train",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    while run.state.global_step < run.max_steps:
+        kept_total = sum(run.micro_step(stream, micro) for micro in range(args.gradient_accumulation_steps))
+        run.update(kept_total)
+        bar.update(1)
+        run.after_step(bar)
+    bar.close()
+    return run.finish(t0)
 
-    # --- models: only the UNet (or its LoRA adapters) trains --------------------------------------
-    from accelerate.utils import DistributedType
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise ValueError(f"{accelerator.distributed_type} is not supported yet: the loop normalises gradients "
-                         "by the global kept count itself and exports on rank 0; use DDP (multi_gpu)")
-    c = components
-    family = get_family(c)
-    # the exported pipeline gets the frozen modules in full precision, not their training-time casts (with
-    # LoRA the UNet's base weights too: the adapters are fused into this copy)
-    frozen_unet = copy.deepcopy(c.unet) if args.lora_rank and weight_dtype != torch.float32 else c.unet
-    export_c = family.frozen_copy(frozen_unet) if weight_dtype != torch.float32 else c
-    family.prepare_frozen(dev, weight_dtype)
-    unet = c.unet
-    if args.lora_rank:
-        with torch.random.fork_rng(devices=[]):      # the same adapters for every run with this seed
-            torch.manual_seed(args.seed)
-            add_lora(unet, args.lora_rank)
-        unet.to(dev, dtype=weight_dtype)
-        for p in unet.parameters():          # trainable adapters stay in fp32 (diffusers' recipe)
-            if p.requires_grad:
-                p.data = p.data.float()
-    else:
-        unet.train().requires_grad_(True).to(dev)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    ema = None
-    if args.use_ema:
+
+class _Run:
+    """The parts of one training run, in the order `train` calls them: build the model, the optimizer and the
+    data, resume, then per step `micro_step` x accumulation, `update`, `after_step`; `finish` exports."""
+
+    def __init__(self, accelerator, components: Components, policy: FilterPolicy, args: TrainArgs, tracker,
+                 config: dict | None, protect: Protect | None):
+        from accelerate.utils import DistributedType
+
+        if accelerator.gradient_accumulation_steps != 1:
+            raise ValueError("create the Accelerator with gradient_accumulation_steps=1: the loop accumulates itself")
+        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ValueError(f"{accelerator.distributed_type} is not supported yet: the loop normalises gradients "
+                             "by the global kept count itself and exports on rank 0; use DDP (multi_gpu)")
+        self.accelerator, self.c, self.policy, self.args = accelerator, components, policy, args
+        self.tracker, self.config, self.protect = tracker, config, protect
+        self.family = get_family(components)
+        self.run_dir = Path(args.output_dir)
+        self.dev, self.rank, self.world = accelerator.device, accelerator.process_index, accelerator.num_processes
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                                 torch.float32)
+        self.state, self.data_report, self.window = TrainState(), DataReport(), _Window()
+        self.compute_m = policy.name != "none" or args.log_magnitudes
+
+    def build_model(self) -> None:
+        """Frozen parts in weight_dtype; the UNet (or its LoRA adapters) trains in fp32; EMA; the export copy."""
+        args, c, dev = self.args, self.c, self.dev
+        # the exported pipeline gets the frozen modules in full precision, not their training-time casts (with
+        # LoRA the UNet's base weights too: the adapters are fused into this copy)
+        low = self.weight_dtype != torch.float32
+        frozen_unet = copy.deepcopy(c.unet) if args.lora_rank and low else c.unet
+        self.export_c = self.family.frozen_copy(frozen_unet) if low else c
+        self.family.prepare_frozen(dev, self.weight_dtype)
+        unet = c.unet
         if args.lora_rank:
-            raise ValueError("use_ema=true with model.lora.rank>0 is not supported: EMA the full UNet, or drop EMA")
-        ema = EMAModel([p.detach().clone() for p in unet.parameters()], decay=args.ema_decay,
-                       model_cls=type(unet), model_config=unet.config)
-        ema.to(dev)
-
-    lr = optim.learning_rate
-    if optim.scale_lr:
-        lr *= args.gradient_accumulation_steps * args.train_batch_size * world
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
-                                  weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
-
-    tokenize = family.tokenize_fn()
-    collate = CollateForTraining(tokenize, ImageTransform(args.resolution, args.interpolation, args.center_crop,
-                                                             args.random_flip, args.seed))
-    streaming = isinstance(dataset, WebDatasetSource)
-    if streaming:   # the source splits by node and worker and batches itself: accelerate must not shard it
-        dataset.bind(collate, rank=rank, world_size=world, batch_size=args.train_batch_size)
-        dataloader = DataLoader(dataset, batch_size=None, num_workers=args.dataloader_num_workers)
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-        batches_per_epoch = dataset.batches_per_epoch(0)
-    else:
-        dataloader = DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                num_workers=args.dataloader_num_workers, collate_fn=collate)
-        unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
-        batches_per_epoch = len(dataloader)
-    raw_unet = accelerator.unwrap_model(unet)
-    params = [p for p in unet.parameters() if p.requires_grad]     # as prepared (wrappers may replace them)
-    if batches_per_epoch == 0:
-        raise ValueError(f"data: {len(dataset)} samples give no full batch of train_batch_size="
-                         f"{args.train_batch_size} on {world} processes; lower train_batch_size or add data")
-    max_steps = args.max_train_steps or max(1, args.num_train_epochs * batches_per_epoch
-                                            // args.gradient_accumulation_steps)
-    # The schedule is stepped once per global step by us (not by accelerate, which would step it
-    # once per process), so warm-up and length are in optimizer steps whatever the process count.
-    lr_scheduler = get_scheduler(optim.lr_scheduler, optimizer=optimizer, num_warmup_steps=optim.lr_warmup_steps,
-                                 num_training_steps=max_steps, num_cycles=optim.lr_num_cycles, power=optim.lr_power)
-
-    empty = family.empty_text(dev)        # the unconditional text, batch 1 (caption dropout and the magnitude)
-
-    # --- resume -----------------------------------------------------------------------------------
-    state = TrainState()
-    data_report = DataReport()
-    reports = _RankStates(accelerator, data_report, state)
-    # order matters: the per-rank entry is loaded after train_state and overrides its positions
-    stateful = {"train_state": state, "lr_scheduler": lr_scheduler, "policy": policy, "rank_states": reports}
-    if ema is not None:
-        stateful["ema"] = ema
-    records = RecordWriter(run_dir / "records", rank, flush_every=args.records_flush_every)
-    if args.resume_from_checkpoint:
-        path = find_checkpoint(run_dir, args.resume_from_checkpoint)
-        if path is None:
-            accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {run_dir}, starting a new run")
+            with torch.random.fork_rng(devices=[]):      # the same adapters for every run with this seed
+                torch.manual_seed(args.seed)
+                add_lora(unet, args.lora_rank)
+            unet.to(dev, dtype=self.weight_dtype)
+            for p in unet.parameters():          # trainable adapters stay in fp32 (diffusers' recipe)
+                if p.requires_grad:
+                    p.data = p.data.float()
         else:
-            meta = load_checkpoint(accelerator, path, stateful)
-            saved_workers = (meta.get("config") or {}).get("dataloader_num_workers", args.dataloader_num_workers)
-            if (meta["world_size"], meta["train_batch_size"]) != (world, args.train_batch_size) or \
-                    (streaming and saved_workers != args.dataloader_num_workers):
+            unet.train().requires_grad_(True).to(dev)
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.ema = None
+        if args.use_ema:
+            if args.lora_rank:
+                raise ValueError("use_ema=true with model.lora.rank>0 is not supported: EMA the full UNet, "
+                                 "or drop EMA")
+            self.ema = EMAModel([p.detach().clone() for p in unet.parameters()], decay=args.ema_decay,
+                                model_cls=type(unet), model_config=unet.config)
+            self.ema.to(dev)
+        self.unet = unet
+
+    def build_optimizer(self, optim: OptimArgs) -> None:
+        args = self.args
+        lr = optim.learning_rate
+        if optim.scale_lr:
+            lr *= args.gradient_accumulation_steps * args.train_batch_size * self.world
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                                           weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
+        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        self.raw_unet = self.accelerator.unwrap_model(self.unet)
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]   # as prepared (wrappers may replace)
+
+    def build_data(self, dataset, optim: OptimArgs) -> None:
+        """The feed (train.data.feed), the run length and the lr schedule (a function of data consumed)."""
+        args = self.args
+        self.tokenize = self.family.tokenize_fn()
+        collate = CollateForTraining(self.tokenize, ImageTransform(args.resolution, args.interpolation,
+                                                                   args.center_crop, args.random_flip, args.seed))
+        self.feed = make_feed(self.accelerator, dataset, collate, batch_size=args.train_batch_size,
+                              num_workers=args.dataloader_num_workers)
+        self.batches_per_epoch = self.feed.batches_per_epoch(0)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"data: {len(dataset)} samples give no full batch of train_batch_size="
+                             f"{args.train_batch_size} on {self.world} processes; lower train_batch_size or add data")
+        self.max_steps = args.max_train_steps or max(1, args.num_train_epochs * self.batches_per_epoch
+                                                     // args.gradient_accumulation_steps)
+        # The schedule is stepped once per global step by us (not by accelerate, which would step it
+        # once per process), so warm-up and length are in optimizer steps whatever the process count.
+        self.lr_scheduler = get_scheduler(optim.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=optim.lr_warmup_steps, num_training_steps=self.max_steps,
+                                          num_cycles=optim.lr_num_cycles, power=optim.lr_power)
+        self.empty = self.family.empty_text(self.dev)   # unconditional text, batch 1: caption dropout and m
+
+    def resume(self) -> None:
+        """Restore the latest (or named) checkpoint; records past its step belong to an attempt that died."""
+        args, state = self.args, self.state
+        self.rank_states = _RankStates(self.accelerator, self.data_report, state)
+        # order matters: the per-rank entry is loaded after train_state and overrides its positions
+        self.stateful = {"train_state": state, "lr_scheduler": self.lr_scheduler, "policy": self.policy,
+                         "rank_states": self.rank_states}
+        if self.ema is not None:
+            self.stateful["ema"] = self.ema
+        self.records = RecordWriter(self.run_dir / "records", self.rank, flush_every=args.records_flush_every)
+        path = find_checkpoint(self.run_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        if args.resume_from_checkpoint and path is None:
+            self.accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {self.run_dir}, starting a new run")
+        if path is not None:
+            meta = load_checkpoint(self.accelerator, path, self.stateful)
+            if (meta["world_size"], meta["train_batch_size"]) != (self.world, args.train_batch_size):
                 raise ValueError(f"{path} was written by {meta['world_size']} processes x train_batch_size="
-                                 f"{meta['train_batch_size']} (dataloader_num_workers={saved_workers}); resume "
-                                 f"with the same values to continue the same data order")
-            if ema is not None:
-                ema.to(dev)
-            accelerator.print(f"resumed from {path} at step {state.global_step} "
-                              f"(epoch {state.epoch}, batch {state.batches_in_epoch})")
-    # records past the restored step (all of them for a fresh start) belong to a run that did not finish
-    dropped = records.truncate_after(state.global_step)
-    if dropped:
-        accelerator.print(f"removed {dropped} records written after step {state.global_step} by an earlier attempt")
+                                 f"{meta['train_batch_size']}; resume with the same values to continue the same "
+                                 "data order")
+            self.feed.check_resume((meta.get("config") or {}).get("dataloader_num_workers",
+                                                                  args.dataloader_num_workers))
+            if self.ema is not None:
+                self.ema.to(self.dev)
+            self.accelerator.print(f"resumed from {path} at step {state.global_step} "
+                                   f"(epoch {state.epoch}, batch {state.batches_in_epoch})")
+        dropped = self.records.truncate_after(state.global_step)
+        if dropped:
+            self.accelerator.print(f"removed {dropped} records written after step {state.global_step} "
+                                   "by an earlier attempt")
 
-    def checkpoint():
-        records.flush()
-        reports.gather()
-        meta = {**state.state_dict(), "world_size": world, "train_batch_size": args.train_batch_size,
-                "config": config}
-        save_checkpoint(accelerator, run_dir, state.global_step, stateful, meta, args.checkpoints_total_limit)
+    def _condition(self, batch: dict, gen: torch.Generator, b: int):
+        """Latents, conditioning and the judged mask of a micro-batch, through the family (no grad)."""
+        dev, args, family = self.dev, self.args, self.family
+        pixels = batch["pixel_values"].to(dev, self.weight_dtype)
+        latents = family.encode_images(pixels, gen)                         # [n, C, h, w] float32
+        n = latents.shape[0]
+        dropped = torch.rand(n, generator=gen, device=dev) < args.proportion_empty_prompts
+        judged = ~dropped
+        if self.protect and b:         # intended memorization: kept, and out of the policy's statistics
+            judged[:b] &= ~self.protect.mask(batch["keys"], batch["captions"]).to(dev)
+        text = where(dropped, self.empty, family.encode_text({k: batch[k].to(dev) for k in self.tokenize.tokenizers}))
+        sizes = {"resolution": args.resolution, "original_sizes": batch["original_sizes"],
+                 "crop_top_lefts": batch["crop_top_lefts"]}
+        return pixels, latents, family.unet_kwargs(text, **sizes), family.uncond_like(self.empty, n, **sizes), judged
 
-    def validate(tag: str):
+    def micro_step(self, stream, micro: int) -> int:
+        """One micro-batch: condition, filtered step, backward, records. Returns the global kept count."""
+        args, state, dev = self.args, self.state, self.dev
+        epoch, consumed, batch = next(stream)
+        if epoch != state.epoch:
+            state.positions = {}
+        if "position" in batch:
+            state.positions[str(batch["position"][0])] = int(batch["position"][1])
+        self.data_report.add_skipped(batch.get("skipped", []))
+        b = len(batch["keys"])
+        self.data_report.add_used(b)
+        if b == 0:      # every sample of this batch was bad: one filler row keeps this rank in the all-reduce
+            r = args.resolution
+            batch = {**batch, **self.tokenize([""]), "pixel_values": torch.zeros(1, 3, r, r),
+                     "original_sizes": torch.full((1, 2), r), "crop_top_lefts": torch.zeros(1, 2),
+                     "dup_group": torch.full((1,), -1)}
+        gen = torch.Generator(device=dev).manual_seed(step_seed(args.seed, self.rank, state.global_step, micro))
+        with torch.no_grad():
+            pixels, latents, cond, uncond, judged = self._condition(batch, gen, b)
+        groups = None
+        if self.policy.uses_groups:       # hash only for a policy that reads item ids
+            groups = item_groups(self.policy.group_by, batch["captions"], pixels) if b else \
+                torch.zeros(1, len(self.policy.group_by), dtype=torch.long)
+        last = micro == args.gradient_accumulation_steps - 1
+        with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
+            out = filtered_diffusion_step(
+                self.unet, self.c.noise_scheduler, latents, cond, uncond, self.policy, gen, eligible=judged,
+                is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=self.raw_unet,
+                snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=self.accelerator.gather,
+                rank=self.rank, autocast=self.accelerator.autocast(), compute_magnitude=self.compute_m,
+                valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups)
+            # x world: DDP averages gradients over ranks, we want their sum (divided by the kept total later)
+            self.accelerator.backward(out.loss_sum * self.world)
+        self.records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
+                            out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
+        self.window.add(out.stats)
+        state.epoch, state.batches_in_epoch = epoch, consumed
+        g = out.stats
+        state.samples_seen += g.keep.numel()
+        state.samples_kept += int(g.keep.sum())
+        state.dup_seen += int(g.duplicate.sum())
+        state.dup_kept += int((g.duplicate & g.keep).sum())
+        return out.kept_global
+
+    def update(self, kept_total: int) -> None:
+        """The optimizer, EMA and schedule step of a global step (module docstring: counting)."""
+        optimizer_update(self.accelerator, self.params, self.optimizer, self.ema, self.raw_unet, kept_total,
+                         self.args.max_grad_norm, self.state)
+        with warnings.catch_warnings():   # a skipped step advances the schedule on purpose (module docstring)
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+
+    def after_step(self, bar) -> None:
+        """Log, checkpoint and validate at their step intervals."""
+        args, step = self.args, self.state.global_step
+        if step % args.logging_steps == 0 or step == self.max_steps:
+            _log(self.tracker, bar, self.window.pop(), self.policy, self.lr_scheduler.get_last_lr()[0], self.state)
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            self.checkpoint()
+        if args.validation_steps and step % args.validation_steps == 0 and step != self.max_steps:
+            self.validate(f"step-{step:06d}")
+
+    def checkpoint(self) -> None:
+        self.records.flush()
+        self.rank_states.gather()
+        meta = {**self.state.state_dict(), "world_size": self.world, "train_batch_size": self.args.train_batch_size,
+                "config": self.config}
+        save_checkpoint(self.accelerator, self.run_dir, self.state.global_step, self.stateful, meta,
+                        self.args.checkpoints_total_limit)
+
+    def validate(self, tag: str) -> None:
+        """Validation images from the EMA weights when there are any, on the main process."""
+        args, ema, raw_unet = self.args, self.ema, self.raw_unet
         if not args.validation_prompts:
             return
-        if accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             if ema is not None:
                 ema.store(raw_unet.parameters())
                 ema.copy_to(raw_unet.parameters())
             raw_unet.eval()
-            with accelerator.autocast():      # frozen modules are in weight_dtype, the UNet in fp32
-                images = validation_images(c, raw_unet, list(args.validation_prompts),
+            with self.accelerator.autocast():      # frozen modules are in weight_dtype, the UNet in fp32
+                images = validation_images(self.c, raw_unet, list(args.validation_prompts),
                                            num_images=args.num_validation_images,
                                            num_inference_steps=args.validation_inference_steps,
-                                           resolution=args.resolution, seed=args.seed, device=dev)
+                                           resolution=args.resolution, seed=args.seed, device=self.dev)
             raw_unet.train()
             if ema is not None:
                 ema.restore(raw_unet.parameters())
-            save_images(images, run_dir / "samples" / tag)
-            tracker.log_images("validation", [im for _, _, im in images], [p for p, _, _ in images],
-                               state.global_step)
-        accelerator.wait_for_everyone()
+            save_images(images, self.run_dir / "samples" / tag)
+            self.tracker.log_images("validation", [im for _, _, im in images], [p for p, _, _ in images],
+                                    self.state.global_step)
+        self.accelerator.wait_for_everyone()
 
-    # --- the loop ---------------------------------------------------------------------------------
-    stream = _data_stream(accelerator, dataloader, state, args.dataloader_num_workers)
-    window = _Window()
-    bar = tqdm(total=max_steps, initial=state.global_step, desc="train", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    compute_m = policy.name != "none" or args.log_magnitudes
-    while state.global_step < max_steps:
-        kept_total = 0
-        for micro in range(args.gradient_accumulation_steps):
-            epoch, consumed, batch = next(stream)
-            if epoch != state.epoch:
-                state.positions = {}
-            if "position" in batch:
-                state.positions[str(batch["position"][0])] = int(batch["position"][1])
-            data_report.add_skipped(batch.get("skipped", []))
-            b = len(batch["keys"])
-            data_report.add_used(b)
-            if b == 0:      # every sample of this batch was bad: one filler row keeps this rank in the all-reduce
-                batch = {**batch, **tokenize([""]), "pixel_values": torch.zeros(1, 3, args.resolution, args.resolution),
-                         "original_sizes": torch.full((1, 2), args.resolution), "crop_top_lefts": torch.zeros(1, 2),
-                         "dup_group": torch.full((1,), -1)}
-            valid = torch.arange(max(b, 1), device=dev) < b
-            gen = torch.Generator(device=dev).manual_seed(step_seed(args.seed, rank, state.global_step, micro))
-            with torch.no_grad():
-                pixels = batch["pixel_values"].to(dev, weight_dtype)
-                latents = family.encode_images(pixels, gen)                  # [n, C, h, w] float32
-                n = latents.shape[0]
-                dropped = torch.rand(n, generator=gen, device=dev) < args.proportion_empty_prompts
-                judged = ~dropped
-                if protect and b:         # intended memorization: kept, and out of the policy's statistics
-                    judged[:b] &= ~protect.mask(batch["keys"], batch["captions"]).to(dev)
-                text = where(dropped, empty, family.encode_text({k: batch[k].to(dev) for k in tokenize.tokenizers}))
-                sizes = {"resolution": args.resolution, "original_sizes": batch["original_sizes"],
-                         "crop_top_lefts": batch["crop_top_lefts"]}
-                cond, uncond = family.unet_kwargs(text, **sizes), family.uncond_like(empty, n, **sizes)
-            sync = accelerator.no_sync(unet) if micro < args.gradient_accumulation_steps - 1 \
-                else contextlib.nullcontext()
-            with sync:
-                out = filtered_diffusion_step(
-                    unet, c.noise_scheduler, latents, cond, uncond, policy, gen,
-                    eligible=judged, is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=raw_unet,
-                    snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=accelerator.gather,
-                    rank=rank, autocast=accelerator.autocast(), compute_magnitude=compute_m, valid=valid,
-                    pad_to=args.train_batch_size,
-                    groups=(item_groups(policy.group_by, batch["captions"], pixels) if b else
-                            torch.zeros(1, len(policy.group_by), dtype=torch.long))
-                    if policy.uses_groups else None)      # hash only for a policy that reads item ids
-                # x world: DDP averages gradients over ranks, we want their sum (divided by kept_total below)
-                accelerator.backward(out.loss_sum * world)
-            kept_total += out.kept_global
-            records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
-                           out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
-            window.add(out.stats)
-            state.epoch, state.batches_in_epoch = epoch, consumed
-            g = out.stats
-            state.samples_seen += g.keep.numel()
-            state.samples_kept += int(g.keep.sum())
-            state.dup_seen += int(g.duplicate.sum())
-            state.dup_kept += int((g.duplicate & g.keep).sum())
+    def finish(self, t0: float) -> dict:
+        """Last records and checkpoint, final validation, the pipeline export and the run summary."""
+        args, state = self.args, self.state
+        self.records.flush()
+        self.accelerator.wait_for_everyone()
+        if args.checkpointing_steps and state.global_step % args.checkpointing_steps:   # same on every rank
+            self.checkpoint()
+        self.validate("final")
+        summary = {}
+        data_summary = merge_reports([g["report"] for g in self.rank_states.gather()])
+        if self.accelerator.is_main_process:
+            write_report(self.run_dir / "data_report.json", data_summary)
+            if self.ema is not None:
+                self.ema.copy_to(self.raw_unet.parameters())
+            export_pipeline(self.export_c, self.raw_unet, self.run_dir / "pipeline", lora=bool(args.lora_rank))
+            summary = self.summary(data_summary, t0)
+            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            self.tracker.log({"summary/" + k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                             state.global_step)
+        self.accelerator.wait_for_everyone()
+        return summary
 
-        optimizer_update(accelerator, params, optimizer, ema, raw_unet, kept_total, args.max_grad_norm, state)
-        with warnings.catch_warnings():   # a skipped step advances the schedule on purpose (module docstring)
-            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
-            lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.global_step += 1
-        bar.update(1)
-
-        if state.global_step % args.logging_steps == 0 or state.global_step == max_steps:
-            _log(tracker, bar, window.pop(), policy, lr_scheduler.get_last_lr()[0], state)
-        if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
-            checkpoint()
-        if args.validation_steps and state.global_step % args.validation_steps == 0 \
-                and state.global_step != max_steps:
-            validate(f"step-{state.global_step:06d}")
-    bar.close()
-
-    # --- the end: records, pipeline, summary -----------------------------------------------------
-    records.flush()
-    accelerator.wait_for_everyone()
-    if args.checkpointing_steps and state.global_step % args.checkpointing_steps:   # same answer on every rank
-        checkpoint()
-    validate("final")
-    summary = {}
-    data_summary = merge_reports([g["report"] for g in reports.gather()])
-    if accelerator.is_main_process:
-        write_report(run_dir / "data_report.json", data_summary)
-        if ema is not None:
-            ema.copy_to(raw_unet.parameters())
-        export_pipeline(export_c, raw_unet, run_dir / "pipeline", lora=bool(args.lora_rank))
-        summary = {
-            "steps": state.global_step, "skipped_steps": state.skipped_steps,
-            "nonfinite_steps": state.nonfinite_steps,
-            "epochs": round(state.epoch + state.batches_in_epoch / batches_per_epoch, 3),
-            "samples_seen": state.samples_seen, "samples_kept": state.samples_kept,
-            "kept_fraction": state.samples_kept / max(1, state.samples_seen),
-            "dup_kept_fraction": state.dup_kept / state.dup_seen if state.dup_seen else None,
-            "nondup_kept_fraction": ((state.samples_kept - state.dup_kept) / (state.samples_seen - state.dup_seen)
-                                     if state.samples_seen > state.dup_seen else None),
-            "samples_per_epoch": batches_per_epoch * args.train_batch_size * world,
-            "data_skipped": data_summary["skipped"],
-            "world_size": world, "policy": policy.name, "wall_seconds": round(time.time() - t0, 1),
-            "pipeline": str(run_dir / "pipeline"), "records": str(run_dir / "records"),
+    def summary(self, data_summary: dict, t0: float) -> dict:
+        s, args = self.state, self.args
+        return {
+            "steps": s.global_step, "skipped_steps": s.skipped_steps, "nonfinite_steps": s.nonfinite_steps,
+            "epochs": round(s.epoch + s.batches_in_epoch / self.batches_per_epoch, 3),
+            "samples_seen": s.samples_seen, "samples_kept": s.samples_kept,
+            "kept_fraction": s.samples_kept / max(1, s.samples_seen),
+            "dup_kept_fraction": s.dup_kept / s.dup_seen if s.dup_seen else None,
+            "nondup_kept_fraction": ((s.samples_kept - s.dup_kept) / (s.samples_seen - s.dup_seen)
+                                     if s.samples_seen > s.dup_seen else None),
+            "samples_per_epoch": self.batches_per_epoch * args.train_batch_size * self.world,
+            "data_skipped": data_summary["skipped"], "world_size": self.world, "policy": self.policy.name,
+            "wall_seconds": round(time.time() - t0, 1), "family": self.family.name,
+            "pipeline": str(self.run_dir / "pipeline"), "records": str(self.run_dir / "records"),
         }
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.log({"summary/" + k: v for k, v in summary.items() if isinstance(v, (int, float))},
-                    state.global_step)
-    accelerator.wait_for_everyone()
-    return summary
 
 
 def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total: int, max_grad_norm: float,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import braceexpand
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.data.transforms import IMAGE_EXTS, BadSample, load_image, pick_caption
 
@@ -121,6 +121,11 @@ class WebDatasetSource(IterableDataset):
             raise ValueError(f"data.shards: {len(self.urls)} shard(s) for {world_size} processes; every process "
                              "needs at least one: write smaller shards (prep shard_size) or use fewer processes")
         self.collate, self.rank, self.world_size, self.batch_size = collate, rank, world_size, batch_size
+
+    def feed(self, collate, *, rank: int, world_size: int, batch_size: int, num_workers: int) -> "StreamFeed":
+        """The training loop's data contract (train.data.feed): this source splits and batches itself."""
+        self.bind(collate, rank=rank, world_size=world_size, batch_size=batch_size)
+        return StreamFeed(self, num_workers)
 
     # -- epoch plan ------------------------------------------------------------------------------
     def _epoch_shards(self, epoch: int) -> list[str]:
@@ -262,3 +267,27 @@ class WebDatasetSource(IterableDataset):
                 "source": str(raw.get("__url__", "")), "epoch": self.epoch}
         return {"key": key, "image": image, "caption": caption, "meta": meta}
 
+
+
+class StreamFeed:
+    """The loop's view of a WebDatasetSource (train.data.feed): the source batches itself (batch_size=None) and
+    resumes an epoch from the per-worker stream positions saved in the checkpoint."""
+
+    def __init__(self, source: WebDatasetSource, num_workers: int):
+        self.source, self.num_workers = source, num_workers
+        self.loader = DataLoader(source, batch_size=None, num_workers=num_workers)
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return self.source.batches_per_epoch(epoch)
+
+    def check_resume(self, saved_num_workers: int) -> None:
+        if saved_num_workers != self.num_workers:
+            raise ValueError(f"the checkpoint was written with dataloader_num_workers={saved_num_workers}: "
+                             f"a stream's order depends on it; resume with dataloader_num_workers={saved_num_workers}")
+
+    def batches(self, epoch: int, skip: int, positions: dict):
+        if skip:
+            self.source.set_resume(epoch, skip, positions, self.num_workers)
+        else:
+            self.source.set_epoch(epoch)
+        return self.loader

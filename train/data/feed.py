@@ -1,0 +1,59 @@
+"""What the training loop needs from any data source, as one contract (open_clip's DataInfo idea):
+
+    feed.batches_per_epoch(epoch)      micro-batches every rank yields in that epoch (the same on all ranks)
+    feed.batches(epoch, skip, positions)   the epoch's micro-batches after the first `skip`, resumed exactly
+    feed.check_resume(saved_num_workers)   refuse a resume whose data order would differ
+
+Two feeds cover every source:
+- MapFeed: a map-style dataset (HF dataset, image folder, toy world, duplication plan) through a DataLoader with
+  accelerate's seedable sampler; the position is the number of batches consumed.
+- a streaming source (webdataset shards) brings its own: it splits itself by rank and worker, batches itself,
+  and resumes from the per-worker stream positions the loop keeps in its checkpoint (`source.feed(...)`).
+`make_feed` asks the source for its feed and falls back to MapFeed, so the loop never asks which source it has.
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+
+class MapFeed:
+    """A map-style dataset behind accelerate's prepared, seedable DataLoader (drop_last, shuffled per epoch)."""
+
+    def __init__(self, accelerator, dataset, collate, *, batch_size: int, num_workers: int):
+        self.accelerator, self.dataset = accelerator, dataset
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
+                            collate_fn=collate)
+        self.loader = accelerator.prepare(loader)
+
+    def batches_per_epoch(self, epoch: int = 0) -> int:
+        return len(self.loader)
+
+    def check_resume(self, saved_num_workers: int) -> None:
+        """Worker count does not change a map-style order (the sampler decides it)."""
+
+    def batches(self, epoch: int, skip: int, positions: dict):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)       # workers are not persistent: each epoch copies the dataset
+        self.loader.set_epoch(epoch)
+        return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+
+
+def make_feed(accelerator, dataset, collate, *, batch_size: int, num_workers: int):
+    """The source's own feed (`dataset.feed(...)`, streaming sources) or a MapFeed."""
+    own = getattr(dataset, "feed", None)
+    if own is not None:
+        return own(collate, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                   batch_size=batch_size, num_workers=num_workers)
+    return MapFeed(accelerator, dataset, collate, batch_size=batch_size, num_workers=num_workers)
+
+
+def data_stream(feed, state):
+    """Micro-batches forever, epoch after epoch, from the position in `state` (epoch, batches_in_epoch,
+    positions): yields (epoch, batches consumed in that epoch, batch)."""
+    epoch, skip = state.epoch, state.batches_in_epoch
+    if skip >= feed.batches_per_epoch(epoch):
+        epoch, skip = epoch + 1, 0
+    while True:
+        for i, batch in enumerate(feed.batches(epoch, skip, state.positions), start=skip + 1):
+            yield epoch, i, batch
+        epoch, skip = epoch + 1, 0
