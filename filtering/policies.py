@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from filtering.settings import check_settings, int_at_least, is_num, num_in, setting
+
 MAD_TO_STD = 1.4826  # MAD * 1.4826 estimates the std of a normal distribution
 
 
@@ -95,6 +97,13 @@ class NoFilter(FilterPolicy):
         return torch.ones_like(m, dtype=torch.bool)
 
 
+def _check_window(policy) -> None:
+    """A windowed policy starts once `warmup` values are in a window of `window`."""
+    if policy.warmup > policy.window:
+        raise ValueError(f"filter.warmup={policy.warmup} > filter.window={policy.window}: the filter would never "
+                         "start; lower filter.warmup or raise filter.window")
+
+
 @dataclass
 class FixedThreshold(FilterPolicy):
     """Drops samples with m > threshold (Wen et al. used 2.0 for SD v1.4 at 512 px).
@@ -104,8 +113,11 @@ class FixedThreshold(FilterPolicy):
             the resolution and the timestep distribution, so it must be chosen for the setup.
     """
 
-    threshold: float
+    threshold: float = setting(must="a number > 0, e.g. filter.threshold=2.0", check=lambda v: is_num(v) and v > 0)
     name = "fixed"
+
+    def __post_init__(self):
+        check_settings(self, "filter.")
 
     def _decide(self, m, t):
         return m <= self.threshold
@@ -123,8 +135,11 @@ class BatchQuantile(FilterPolicy):
             go; ties are broken by position, so the decision is deterministic. Default 0.1.
     """
 
-    drop_fraction: float = 0.1
+    drop_fraction: float = setting(0.1, "a number in [0, 1), e.g. filter.drop_fraction=0.1", num_in(0, 1, hi_open=True))
     name = "batch_quantile"
+
+    def __post_init__(self):
+        check_settings(self, "filter.")
 
     def _decide(self, m, t):
         n_drop = int(round(self.drop_fraction * m.numel()))
@@ -194,13 +209,16 @@ class RunningQuantile(FilterPolicy):
             the threshold would fall without end, see `_check_update_with`). Default "all".
     """
 
-    quantile: float = 0.9
-    window: int = 4096
-    warmup: int = 256
-    update_with: str = "all"
+    quantile: float = setting(0.9, "a number in (0, 1), e.g. filter.quantile=0.9", num_in(0, 1, lo_open=True, hi_open=True))
+    window: int = setting(4096, "an integer >= 1", int_at_least(1))
+    warmup: int = setting(256, "an integer >= 1", int_at_least(1))
+    update_with: str = setting("all", "all (a quantile of the kept samples alone would fall without end)",
+                               lambda v: v == "all")
     name = "running_quantile"
 
     def __post_init__(self):
+        check_settings(self, "filter.")
+        _check_window(self)
         _check_update_with(self.update_with, "quantile", ("all",))
         self._win = _Window(self.window)
         self._threshold = math.inf
@@ -239,7 +257,7 @@ class TimestepBucketed(FilterPolicy):
         k: multiplier for median_mad / mean_std. Default 3.0.
         quantile: quantile for statistic="quantile". Default 0.9.
         window: past magnitudes kept per bucket. Default 1024.
-        warmup: magnitudes a bucket must have seen before it filters. Default 64.
+        warmup: magnitudes a bucket must have seen before it filters. Default 32.
         update_with: "all", "kept" (only kept samples enter the windows: with median_mad or mean_std only;
             a quantile of kept samples alone would fall without end, see `_check_update_with`), or
             "warmup": only the first `warmup`
@@ -248,17 +266,20 @@ class TimestepBucketed(FilterPolicy):
             memorized, that memorized samples can never drag along. Default "all".
     """
 
-    num_buckets: int = 10
+    num_buckets: int = setting(10, "an integer in [1, 1000]", lambda v: int_at_least(1)(v) and v <= 1000)
     num_train_timesteps: int = 1000
-    statistic: str = "median_mad"
-    k: float = 3.0
-    quantile: float = 0.9
-    window: int = 1024
-    warmup: int = 64
-    update_with: str = "all"
+    statistic: str = setting("median_mad", "median_mad, quantile or mean_std",
+                             lambda v: v in ("median_mad", "quantile", "mean_std"))
+    k: float = setting(3.0, "a number > 0, e.g. filter.k=3", lambda v: is_num(v) and v > 0)
+    quantile: float = setting(0.9, "a number in (0, 1)", num_in(0, 1, lo_open=True, hi_open=True))
+    window: int = setting(1024, "an integer >= 1", int_at_least(1))
+    warmup: int = setting(32, "an integer >= 1", int_at_least(1))
+    update_with: str = setting("all", "all, kept or warmup", lambda v: v in ("all", "kept", "warmup"))
     name = "timestep"
 
     def __post_init__(self):
+        check_settings(self, "filter.")
+        _check_window(self)
         _robust_threshold(torch.ones(2), self.statistic, self.k, self.quantile)  # validate statistic
         _check_update_with(self.update_with, self.statistic, ("all", "kept", "warmup"))
         self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
@@ -329,18 +350,20 @@ class CaptionHistory(FilterPolicy):
             applies to the caption's samples at every t. Default 500.
     """
 
-    threshold: float = 1.1
-    baseline: int = 16
-    decay: float = 0.06
-    min_timestep: int = 500
-    num_buckets: int = 10
+    threshold: float = setting(1.1, "a number > 1, e.g. filter.threshold=1.15", lambda v: is_num(v) and v > 1)
+    baseline: int = setting(16, "an integer >= 1", int_at_least(1))
+    decay: float = setting(0.06, "a number in (0, 1]", num_in(0, 1, lo_open=True))
+    min_timestep: int = setting(500, "an integer >= 0, e.g. filter.min_timestep=500", int_at_least(0))
+    num_buckets: int = setting(10, "an integer in [1, 1000]", lambda v: int_at_least(1)(v) and v <= 1000)
     num_train_timesteps: int = 1000
-    window: int = 1024
-    warmup: int = 32
+    window: int = setting(1024, "an integer >= 1", int_at_least(1))
+    warmup: int = setting(32, "an integer >= 1", int_at_least(1))
     name = "caption"
     uses_groups = True
 
     def __post_init__(self):
+        check_settings(self, "filter.")
+        _check_window(self)
         self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
         self._groups: dict[int, list[float]] = {}          # id -> [count, baseline sum, score, last ratio]
 
@@ -457,25 +480,31 @@ class ItemEvidence(FilterPolicy):
         evidence: the signals, "loss" and/or "magnitude". Default ("loss", "magnitude").
     """
 
-    margin: float = 0.0
-    z_crit: float = 3.0
-    min_count: float = 8.0
-    half_life: float = 50.0
-    min_timestep: int = 0
-    num_buckets: int = 10
+    margin: float = setting(0.0, "a number >= 0, e.g. filter.margin=0", lambda v: is_num(v) and v >= 0)
+    z_crit: float = setting(3.0, "a number >= 0, e.g. filter.z_crit=3", lambda v: is_num(v) and v >= 0)
+    min_count: float = setting(8.0, "a number >= 1, e.g. filter.min_count=8", lambda v: is_num(v) and v >= 1)
+    half_life: float = setting(50.0, "a number > 0 (decisions), e.g. filter.half_life=50",
+                               lambda v: is_num(v) and v > 0)
+    min_timestep: int = setting(0, "an integer >= 0, e.g. filter.min_timestep=500", int_at_least(0))
+    num_buckets: int = setting(10, "an integer in [1, 1000]", lambda v: int_at_least(1)(v) and v <= 1000)
     num_train_timesteps: int = 1000
-    window: int = 64
-    warmup: int = 16
-    capacity: int = 100_000
-    rare_count: float = 1.0
-    release: float | None = None
-    readmit: float = 0.0
-    group_by: tuple = ("image",)
-    evidence: tuple = ("loss", "magnitude")
+    window: int = setting(64, "an integer >= 1", int_at_least(1))
+    warmup: int = setting(16, "an integer >= 1", int_at_least(1))
+    capacity: int = setting(100_000, "an integer >= 1, e.g. filter.capacity=100000", int_at_least(1))
+    rare_count: float = setting(1.0, "a number > 0, e.g. filter.rare_count=1", lambda v: is_num(v) and v > 0)
+    release: float | None = setting(None, "null (hold a flagged item) or a number <= filter.margin",
+                                    lambda v: v is None or is_num(v))
+    readmit: float = setting(0.0, "a number in [0, 1], e.g. filter.readmit=0.5 (0: never)", num_in(0, 1))
+    group_by: tuple = setting(("image",), "a non-empty list of caption and/or image, e.g. "
+                              "filter.group_by=[caption,image]", lambda v: len(v) >= 1 and set(v) <= {"caption", "image"})
+    evidence: tuple = setting(("loss", "magnitude"), "a non-empty list of magnitude and/or loss, e.g. "
+                              "filter.evidence=[magnitude,loss]", lambda v: len(v) >= 1 and set(v) <= {"magnitude", "loss"})
     name = "item"
     uses_groups = True
 
     def __post_init__(self):
+        check_settings(self, "filter.")
+        _check_window(self)
         self.group_by, self.evidence = tuple(self.group_by), tuple(self.evidence)
         item_groups(self.group_by, [], torch.zeros(0, 3, 8, 8))          # validate the kinds
         if not self.evidence or not set(self.evidence) <= {"magnitude", "loss"}:

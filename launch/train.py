@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import check_train_config, run_or_exit  # noqa: E402
+from launch.config_check import check_train_config, run_or_exit, train_args  # noqa: E402
 
 log = logging.getLogger("memfilter")
 
@@ -29,7 +28,7 @@ def run(cfg: DictConfig) -> dict:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
 
     from launch.builders import build_components, build_dataset, build_filter, build_protect, native_resolution
-    from train.loop import OptimArgs, TrainArgs, train
+    from train.loop import train
     from train.tracking import NullTracker, WandbTracker
 
     check_train_config(cfg, torch.cuda.is_available())
@@ -61,9 +60,7 @@ def run(cfg: DictConfig) -> dict:
 
     policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
     protect = build_protect(cfg.filter)
-    names = {f.name for f in dataclasses.fields(TrainArgs)}
-    args = TrainArgs(**{k: v for k, v in resolved.items() if k in names}, lora_rank=cfg.model.lora.rank)
-    optim = OptimArgs(**resolved["optim"])
+    args, optim = train_args(cfg)
     tracker = NullTracker()
     if accelerator.is_main_process and cfg.logger.name == "wandb":
         tracker = WandbTracker(run_dir, project=cfg.logger.project, entity=cfg.logger.entity, config=resolved,

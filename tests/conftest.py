@@ -19,6 +19,8 @@ def compose(overrides: list[str], config_name: str = "train"):
     """The training config as `python launch/train.py <overrides>` would see it (another app's with
     config_name: "demo", "prepare", ...)."""
     from hydra import compose as hydra_compose
+
+    import launch.config_check  # noqa: F401  (registers the settings' defaults with Hydra's ConfigStore)
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

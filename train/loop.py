@@ -40,6 +40,7 @@ from filtering.conditioning import where
 from filtering.policies import FilterPolicy, item_groups
 from filtering.protect import Protect
 from filtering.records import RecordWriter
+from filtering.settings import check_settings, int_at_least, is_int, num_in, setting
 from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.data.collate import CollateForTraining
 from train.data.report import DataReport, merge_reports, write_report
@@ -53,100 +54,92 @@ from train.tracking import NullTracker
 
 log = logging.getLogger("memfilter.train")
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
 
 @dataclass
 class TrainArgs:
-    """Loop settings; names follow diffusers' train_text_to_image.py.
+    """Loop settings; names and defaults follow diffusers' train_text_to_image.py, but center_crop (true here)
+    and log_magnitudes (memfilter's). The toy world's recipe in conf/train.yaml overrides some. Each field holds
+    its default, its check and its doc (filtering.settings); a bad value raises a ValueError naming the key."""
 
-    Args:
-        output_dir: the run directory.
-        resolution: training resolution in pixels. Default 512.
-        center_crop: centre (True) or random crop. Default True.
-        random_flip: random horizontal flip. Default False.
-        interpolation: resize filter, "bicubic" or "lanczos". Default "bicubic".
-        train_batch_size: samples per rank per micro-batch. Default 8.
-        num_train_epochs: passes over the data when max_train_steps is None. Default 1.
-        max_train_steps: optimizer steps; overrides num_train_epochs. Default None.
-        gradient_accumulation_steps: micro-batches per step. Default 1.
-        gradient_checkpointing: recompute UNet activations in backward. Default False.
-        max_grad_norm: gradient clipping norm; 0 disables. Default 1.0.
-        seed: base seed (data order, noise; each rank derives its own). Default 0.
-        snr_gamma: Min-SNR weighting gamma; None disables. Default None.
-        noise_offset: diffusers' noise offset. Default 0.
-        proportion_empty_prompts: caption dropout for classifier-free guidance. Default 0.
-        use_ema: keep an EMA of the UNet (exported instead of the raw weights). Default False.
-        ema_decay: EMA decay. Default 0.9999.
-        lora_rank: train LoRA adapters of this rank instead of the full UNet; 0 = full. Default 0.
-        checkpointing_steps: save checkpoint-<step> every this many steps; 0 = never. Default 500.
-        checkpoints_total_limit: keep at most this many checkpoints; None = all. Default None.
-        resume_from_checkpoint: "latest" or a checkpoint path; None starts fresh. Default None.
-        validation_prompts: prompts sampled every validation_steps and at the end. Default none.
-        validation_steps: 0 = only at the end. Default 0.
-        num_validation_images: images per validation prompt. Default 1.
-        validation_inference_steps: DDIM steps for validation images. Default 20.
-        logging_steps: log scalars every this many steps (histograms at the same rate). Default 10.
-        dataloader_num_workers: DataLoader workers per rank. Default 0.
-        records_flush_every: rows a rank buffers before writing a Parquet part. Default 65536.
-        log_magnitudes: with filter `none`, still measure m (one extra no-grad forward a step) so the
-            records of an unfiltered baseline carry it; false makes a plain fine-tune. Default True.
-    """
+    output_dir: str = setting("???", "a directory path", lambda v: isinstance(v, str) and v != "",
+                              "the run directory")
+    resolution: int | None = setting(512, "null (the model's size) or a multiple of 8, e.g. resolution=512",
+                                     _opt(lambda v: is_int(v) and v >= 8 and v % 8 == 0), "training size in pixels")
+    center_crop: bool = setting(True, "true or false", lambda v: isinstance(v, bool), "centre (true) or random crop")
+    random_flip: bool = setting(False, "true or false", lambda v: isinstance(v, bool), "random horizontal flip")
+    interpolation: str = setting("bicubic", "bicubic, lanczos or bilinear",
+                                 lambda v: v in ("bicubic", "lanczos", "bilinear"), "resize filter")
+    train_batch_size: int = setting(16, "an integer >= 1, e.g. train_batch_size=8", int_at_least(1),
+                                    "samples per process per micro-batch")
+    num_train_epochs: int = setting(100, "an integer >= 1", int_at_least(1),
+                                    "passes over the data when max_train_steps is null")
+    max_train_steps: int | None = setting(None, "null or an integer >= 1", _opt(int_at_least(1)),
+                                          "optimizer steps; overrides num_train_epochs")
+    gradient_accumulation_steps: int = setting(1, "an integer >= 1", int_at_least(1), "micro-batches per step")
+    gradient_checkpointing: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
+                                           "recompute UNet activations in backward")
+    max_grad_norm: float = setting(1.0, "a number >= 0 (0 disables clipping)", num_in(0, math.inf),
+                                   "gradient clipping norm")
+    seed: int = setting(0, "an integer", is_int, "data order, noise (each rank derives its own)")
+    snr_gamma: float | None = setting(None, "null or a number > 0, e.g. snr_gamma=5.0",
+                                      _opt(num_in(0, math.inf, lo_open=True)), "Min-SNR weighting gamma")
+    noise_offset: float = setting(0.0, "a number >= 0", num_in(0, math.inf), "diffusers' noise offset")
+    proportion_empty_prompts: float = setting(0.0, "a number in [0, 1)", num_in(0, 1, hi_open=True),
+                                              "caption dropout for classifier-free guidance")
+    use_ema: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
+                            "keep an EMA of the UNet, exported instead of the raw weights")
+    ema_decay: float = setting(0.9999, "a number in (0, 1), e.g. ema_decay=0.9999",
+                               num_in(0, 1, lo_open=True, hi_open=True), "EMA decay")
+    lora_rank: int = setting(0, "an integer >= 0 (0: full fine-tuning)", int_at_least(0),
+                             "train LoRA adapters of this rank instead of the full UNet (model.lora.rank)")
+    checkpointing_steps: int = setting(500, "an integer >= 0 (0: no checkpoints)", int_at_least(0),
+                                       "save checkpoint-<step> every this many steps")
+    checkpoints_total_limit: int | None = setting(None, "null or an integer >= 1", _opt(int_at_least(1)),
+                                                  "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = setting(None, "null, latest or a checkpoint path",
+                                                 _opt(lambda v: isinstance(v, str)), "null starts fresh")
+    validation_prompts: list = setting(must="a list of prompts", check=lambda v: isinstance(v, (list, tuple)),
+                                       doc="prompts sampled every validation_steps and at the end", factory=list)
+    validation_steps: int = setting(0, "an integer >= 0 (0: only at the end)", int_at_least(0))
+    num_validation_images: int = setting(1, "an integer >= 1", int_at_least(1), "images per validation prompt")
+    validation_inference_steps: int = setting(20, "an integer >= 1", int_at_least(1), "sampling steps")
+    logging_steps: int = setting(10, "an integer >= 1", int_at_least(1), "log scalars and histograms every n steps")
+    dataloader_num_workers: int = setting(0, "an integer >= 0", int_at_least(0), "DataLoader workers per process")
+    records_flush_every: int = setting(65536, "an integer >= 1", int_at_least(1),
+                                       "rows a process buffers before writing a Parquet part")
+    log_magnitudes: bool = setting(True, "true or false", lambda v: isinstance(v, bool),
+                                   "with filter=none, still measure m (one extra no-grad forward a step)")
 
-    output_dir: str
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = False
-    interpolation: str = "bicubic"
-    train_batch_size: int = 8
-    num_train_epochs: int = 1
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    proportion_empty_prompts: float = 0.0
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    lora_rank: int = 0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_steps: int = 0
-    num_validation_images: int = 1
-    validation_inference_steps: int = 20
-    logging_steps: int = 10
-    dataloader_num_workers: int = 0
-    records_flush_every: int = 65536
-    log_magnitudes: bool = True
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass
 class OptimArgs:
-    """AdamW and the lr schedule (diffusers' names and defaults).
+    """AdamW and the lr schedule (diffusers' names and defaults; a field holds its default, check and doc)."""
 
-    Args:
-        learning_rate: peak learning rate. Default 1e-4.
-        scale_lr: multiply lr by accumulation x batch size x processes. Default False.
-        lr_scheduler: a diffusers schedule name ("constant", "constant_with_warmup", "linear",
-            "cosine", "cosine_with_restarts", "polynomial"). Default "constant".
-        lr_warmup_steps: warm-up steps. Default 500.
-        lr_num_cycles: cycles for cosine_with_restarts. Default 1.
-        lr_power: power for polynomial. Default 1.0.
-        adam_beta1, adam_beta2, adam_weight_decay, adam_epsilon: AdamW. Defaults 0.9, 0.999, 1e-2, 1e-8.
-    """
+    learning_rate: float = setting(1e-4, "a number > 0, e.g. optim.learning_rate=1e-5",
+                                   num_in(0, math.inf, lo_open=True), "peak learning rate")
+    scale_lr: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
+                             "multiply lr by accumulation x batch size x processes")
+    lr_scheduler: str = setting("constant", f"one of {', '.join(LR_SCHEDULERS)}", lambda v: v in LR_SCHEDULERS,
+                                "a diffusers schedule name")
+    lr_warmup_steps: int = setting(500, "an integer >= 0", int_at_least(0), "warm-up steps")
+    lr_num_cycles: int = setting(1, "an integer >= 1", int_at_least(1), "cycles of cosine_with_restarts")
+    lr_power: float = setting(1.0, "a number > 0", num_in(0, math.inf, lo_open=True), "power of polynomial")
+    adam_beta1: float = setting(0.9, "a number in [0, 1)", num_in(0, 1, hi_open=True))
+    adam_beta2: float = setting(0.999, "a number in [0, 1)", num_in(0, 1, hi_open=True))
+    adam_weight_decay: float = setting(1e-2, "a number >= 0", num_in(0, math.inf))
+    adam_epsilon: float = setting(1e-8, "a number > 0", num_in(0, math.inf, lo_open=True))
 
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    def __post_init__(self):
+        check_settings(self, "optim.")
 
 
 @dataclass

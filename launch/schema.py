@@ -1,0 +1,46 @@
+"""The settings' defaults, registered with Hydra's ConfigStore from the dataclasses that define them, so that
+conf/*.yaml hold only what differs and a key no dataclass has is an error when Hydra composes.
+
+    settings/train              train.loop.TrainArgs (+ mixed_precision, the Accelerator's)
+    settings/optim              train.loop.OptimArgs
+    settings/filter/<name>      the filter policy's dataclass (filtering.policies.POLICIES), with its name
+    settings/model/tiny         train.families.sd.build_tiny's arguments (the tiny model built from config)
+
+Every app calls `register()` before Hydra composes (launch/train.py, the demo, tests' compose).
+"""
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from filtering.policies import POLICIES
+from filtering.settings import defaults, signature_defaults
+
+# keys a policy takes from the loop, not from the config
+FROM_LOOP = ("num_train_timesteps",)
+# the train config's keys that are not TrainArgs fields: config groups, and what configures the Accelerator
+GROUPS = ("model", "data", "filter", "optim", "logger")
+APP_KEYS = {"mixed_precision": None}
+_done = False
+
+
+def train_node() -> dict:
+    from train.loop import TrainArgs
+
+    return {**defaults(TrainArgs, exclude=("lora_rank",)), **APP_KEYS}
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    from train.loop import OptimArgs
+
+    cs = ConfigStore.instance()
+    cs.store(group="settings", name="train", node=train_node())
+    cs.store(group="settings", name="optim", node=defaults(OptimArgs))
+    for name, cls in POLICIES.items():
+        cs.store(group="settings/filter", name=name, node={"name": name, **defaults(cls, exclude=FROM_LOOP)})
+    from train.families import build_tiny
+    cs.store(group="settings/model", name="tiny",
+             node={"family": "sd", **signature_defaults(build_tiny, exclude=("prediction_type", "words"))})
+    _done = True
