@@ -1,0 +1,118 @@
+"""One definition per setting: every config group and experiment composes, and every key reaches the object it
+configures; an unknown key stops the run at start, naming it."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from omegaconf import OmegaConf
+
+from launch.config_check import ConfigError, check_train_config, train_args
+from tests.conftest import REPO, compose
+
+FILTERS = sorted(p.stem for p in (REPO / "conf" / "filter").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+
+
+def _same(a, b) -> bool:
+    return list(a) == list(b) if isinstance(a, (list, tuple)) else a == b
+
+
+def _reaches(cfg, args, optim) -> None:
+    """Every top-level setting and optim.* key arrives in TrainArgs / OptimArgs with its composed value."""
+    from launch.schema import APP_KEYS, GROUPS
+    for key, value in OmegaConf.to_container(cfg, resolve=True).items():
+        if key in GROUPS or key in APP_KEYS:
+            continue
+        assert _same(getattr(args, key), value), key
+    for key, value in OmegaConf.to_container(cfg.optim, resolve=True).items():
+        assert _same(getattr(optim, key), value), f"optim.{key}"
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_every_filter_key_reaches_its_policy(name):
+    from launch.builders import build_filter
+    cfg = compose([f"filter={name}"])
+    check_train_config(cfg, cuda_available=False)
+    policy = build_filter(cfg.filter, num_train_timesteps=1000)
+    assert policy.name == name
+    for key, value in OmegaConf.to_container(cfg.filter, resolve=True).items():
+        if key not in ("name", "protect"):
+            assert _same(getattr(policy, key), value), f"filter.{key}"
+    if dataclasses.is_dataclass(policy):     # and the yaml holds no default of its own: the policy's are the config's
+        composed = set(cfg.filter) - {"name", "protect"}
+        assert composed == {f.name for f in dataclasses.fields(policy) if f.name != "num_train_timesteps"}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_its_values_reach_the_loop(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    args, optim = train_args(cfg)
+    _reaches(cfg, args, optim)
+    assert args.lora_rank == cfg.model.lora.rank
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_option_composes(model):
+    cfg = compose([f"model={model}"])
+    check_train_config(cfg, cuda_available=False)
+    if model.startswith("tiny"):        # built from config: every model.tiny key reaches the built model
+        from launch.builders import build_components
+        c = build_components(compose([f"model={model}", "model.tiny.resolution=16",
+                                      "model.tiny.block_out_channels=[32,32]", "model.tiny.latent_channels=8"]).model)
+        assert c.family == cfg.model.tiny.family
+        assert c.unet.config.in_channels == 8 and c.vae.config.latent_channels == 8
+        assert list(c.unet.config.block_out_channels) == [32, 32] and c.unet.config.sample_size == 8
+
+
+def test_defaults_are_the_dataclasses_and_the_yaml_only_overrides():
+    from train.loop import OptimArgs, TrainArgs
+    cfg = compose(["train_batch_size=3"])
+    args, optim = train_args(cfg)
+    _reaches(cfg, args, optim)
+    assert args.train_batch_size == 3
+    # a value conf/train.yaml does not set is the dataclass default
+    assert args.num_train_epochs == TrainArgs.__dataclass_fields__["num_train_epochs"].default
+    assert optim.adam_beta2 == OptimArgs.__dataclass_fields__["adam_beta2"].default
+
+
+def test_an_unknown_key_is_an_error_at_start(tmp_path):
+    with pytest.raises(Exception, match="train_batchsize"):        # Hydra: not in the struct
+        compose(["train_batchsize=8"])
+    with pytest.raises(Exception, match="thresold"):
+        compose(["filter=fixed", "filter.thresold=3"])
+    # a key an experiment file adds, with no setting behind it, is refused when the run starts
+    exp = REPO / "conf" / "experiment" / "_test_unknown_key.yaml"
+    exp.write_text("# @package _global_\nlearning_rate_typo: 0.1\n")
+    try:
+        cfg = compose(["experiment=_test_unknown_key"])
+        with pytest.raises(ConfigError, match="learning_rate_typo: no such setting"):
+            check_train_config(cfg, cuda_available=False)
+    finally:
+        exp.unlink()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr_scheduler=cosin", r"optim\.lr_scheduler='cosin' is invalid: must be one of constant"),
+    ("proportion_empty_prompts=1.5", r"proportion_empty_prompts=1\.5 is invalid: must be a number in \[0, 1\)"),
+    ("filter.window=8", r"filter\.warmup=16 > filter\.window=8"),
+    ("model.tiny.family=flux", r"model\.tiny\.family='flux' is invalid"),
+])
+def test_a_bad_value_names_the_key_and_a_valid_one(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_train_config(compose([override]), cuda_available=False)
+
+
+def test_the_settings_module_checks_and_documents_fields():
+    from filtering.settings import check_settings, defaults, int_at_least, setting
+
+    @dataclasses.dataclass
+    class Demo:
+        n: int = setting(3, "an integer >= 1, e.g. n=3", int_at_least(1), "how many")
+        names: tuple = setting(("a",), "a tuple", lambda v: True)
+
+    assert defaults(Demo) == {"n": 3, "names": ["a"]}
+    check_settings(Demo())
+    with pytest.raises(ValueError, match=r"x\.n=0 is invalid: must be an integer >= 1, e.g\. n=3"):
+        check_settings(Demo(n=0), "x.")
