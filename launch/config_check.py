@@ -88,8 +88,21 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if protect.get("keep_list") and not Path(str(protect["keep_list"])).is_file():
         raise ConfigError(f"filter.protect.keep_list={protect['keep_list']!r}: no such file; give a text file "
                           "with one key per line or a Parquet file with a `key` column")
+    _check_world_data(cfg)
     if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("offline", "online", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r}: must be offline, online or disabled")
+
+
+def _check_world_data(cfg: DictConfig) -> None:
+    """A real model is not fine-tuned on the toy world's little shapes by accident (data=world is the default)."""
+    pretrained = str(cfg.model.get("pretrained") or "")
+    if cfg.data.get("name") == "world" and pretrained and not pretrained.startswith("builtin:") \
+            and not cfg.data.get("any_model", False):
+        raise ConfigError(f"data: model.pretrained={pretrained!r} would be fine-tuned on the toy world (data=world, "
+                          "the default: little shapes drawn in memory); choose its data, e.g. data=imagefolder "
+                          "data.path=/data/images, data=hf data.path=/data/hf_dataset or data=webdataset "
+                          "'data.shards=\"/data/shards/shard-{000000..000099}.tar\"' (data.any_model=true trains "
+                          "it on the world on purpose)")
 
 
 def _check_filter_builds(cfg: DictConfig) -> None:

@@ -87,6 +87,10 @@ def run(cfg: DictConfig) -> dict:
         if b not in ("exact", "near"):
             raise ConfigError(f"baselines: {b!r} is not a deduplication baseline; use exact and/or near")
     out = Path(cfg.output_dir).resolve()
+    if out.is_dir() and any(out.iterdir()) and not (cfg.reuse_runs or cfg.reuse_reports):
+        raise ConfigError(f"output_dir={out} already holds a demo; memfilter never overwrites one: continue it with "
+                          "reuse_runs=true (finished runs are kept, interrupted ones resume), or choose another "
+                          "output_dir")
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "demo_config.yaml", resolve=True)
     if cfg.seeds is None:
@@ -167,6 +171,9 @@ def _fine_tune(cfg, console, out: Path, name: str, k: int, configs: dict, runs_c
     if cfg.reuse_runs and done.is_file() and (out / name / "pipeline" / "model_index.json").is_file():
         console.rule(head + " (reused: reuse_runs=true)")
         return {"overrides": runs_cfg[name], "summary": json.loads(done.read_text()), "run_dir": str(out / name)}
+    if (out / name).is_dir() and any((out / name).iterdir()):      # reuse_runs: an interrupted run resumes
+        overrides = [*overrides, "resume_from_checkpoint=latest"]
+        tcfg = _train_config(overrides)
     console.rule(head)
     console.print("python launch/train.py " + " ".join(f'"{o}"' if set(o) & set(" {}'[]") else o
                                                        for o in overrides), soft_wrap=True, highlight=False,

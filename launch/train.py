@@ -17,7 +17,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import check_train_config, run_or_exit, train_args  # noqa: E402
+from launch.config_check import ConfigError, check_train_config, run_or_exit, train_args  # noqa: E402
 
 log = logging.getLogger("memfilter")
 
@@ -39,6 +39,8 @@ def run(cfg: DictConfig) -> dict:
     out = [str(cfg.output_dir)]
     broadcast_object_list(out, from_process=0)
     run_dir = Path(out[0]).resolve()
+    check_run_dir(run_dir, cfg.resume_from_checkpoint)      # every rank, before any rank writes
+    accelerator.wait_for_everyone()
     accelerator.project_configuration = ProjectConfiguration(project_dir=str(run_dir))
     logging.getLogger("accelerate").setLevel(logging.WARNING)   # its per-file checkpoint lines
     if not accelerator.is_main_process:
@@ -55,7 +57,7 @@ def run(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(cfg, _new_config_path(run_dir), resolve=True)
     accelerator.wait_for_everyone()
 
     policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
@@ -75,6 +77,27 @@ def run(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         _print_summary(summary, run_dir)
     return summary
+
+
+def check_run_dir(run_dir: Path, resume: str | None) -> None:
+    """Nothing an earlier run wrote is lost: a fresh run needs an empty or new output_dir; a resume needs the
+    directory it resumes (the default output_dir is a new timestamped one, which holds nothing to resume)."""
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if resume is None and entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(f"output_dir={run_dir} already holds a run ({shown}); memfilter never overwrites one: "
+                          "continue it with resume_from_checkpoint=latest, or choose another output_dir")
+    if resume is not None and not run_dir.is_dir():
+        raise ConfigError(f"resume_from_checkpoint={resume}: output_dir={run_dir} does not exist; name the run "
+                          "directory to resume, e.g. output_dir=outputs/train/<run> resume_from_checkpoint=latest")
+
+
+def _new_config_path(run_dir: Path) -> Path:
+    """config.yaml for a new run; a resumed run's config goes beside it (config-resume-<n>.yaml), never over it."""
+    path, n = run_dir / "config.yaml", 1
+    while path.exists():
+        path, n = run_dir / f"config-resume-{n}.yaml", n + 1
+    return path
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:

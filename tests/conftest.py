@@ -33,7 +33,7 @@ TINY = ["model=tiny", "logger=none", "train_batch_size=4", "max_train_steps=4", 
         "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]", "model.tiny.vae_channels=[32,32]"]
 
 
-WORLD = ["data.num_unique=8", "data.num_duplicated=2", "data.repeats=4"]
+WORLD = ["data.num_unique=8", "data.num_duplicated=2", "data.repeats=4", "data.any_model=true"]
 
 
 def _args(run_dir, overrides):

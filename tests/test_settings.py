@@ -55,7 +55,7 @@ def test_every_experiment_composes_and_its_values_reach_the_loop(experiment):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_option_composes(model):
-    cfg = compose([f"model={model}"])
+    cfg = compose([f"model={model}", "data.any_model=true"])    # real models refuse the world's data otherwise
     check_train_config(cfg, cuda_available=False)
     if model.startswith("tiny"):        # built from config: every model.tiny key reaches the built model
         from launch.builders import build_components
@@ -116,3 +116,14 @@ def test_the_settings_module_checks_and_documents_fields():
     check_settings(Demo())
     with pytest.raises(ValueError, match=r"x\.n=0 is invalid: must be an integer >= 1, e.g\. n=3"):
         check_settings(Demo(n=0), "x.")
+
+
+def test_a_real_model_without_data_stops_naming_data():
+    from launch.config_check import check_train_config
+    for overrides in (["model=sd15", "filter=fixed"], ["experiment=wen2024"]):
+        with pytest.raises(ConfigError, match=r"^data: model\.pretrained="):
+            check_train_config(compose(overrides), cuda_available=True)
+    assert compose(["experiment=wen2024"]).use_ema is True
+    # the world's own base and models built from config train on the world as before
+    check_train_config(compose([]), cuda_available=False)
+    check_train_config(compose(["model=tiny"]), cuda_available=False)
