@@ -168,7 +168,7 @@ def _fine_tune(cfg, console, out: Path, name: str, k: int, configs: dict, runs_c
     overrides, tcfg = configs[name]
     done = out / name / "train_summary.json"
     head = f"[bold]2/4 fine-tune {k + 1}/{len(configs)}: {name}[/]"
-    if cfg.reuse_runs and done.is_file() and (out / name / "pipeline" / "model_index.json").is_file():
+    if cfg.reuse_runs and done.is_file() and (out / name / "model_index.json").is_file():
         console.rule(head + " (reused: reuse_runs=true)")
         return {"overrides": runs_cfg[name], "summary": json.loads(done.read_text()), "run_dir": str(out / name)}
     if (out / name).is_dir() and any((out / name).iterdir()):      # reuse_runs: an interrupted run resumes
@@ -195,7 +195,7 @@ def _evaluate(cfg, console, out: Path, world, seed: int, configs: dict, timings:
     train_desc = training_descriptors(world)
     bar = replication_bar(world, train_desc[1], settings.fresh_items, settings.bar_quantile)
     names = list(configs)
-    pipelines = {name: out / name / "pipeline" for name in names}
+    pipelines = {name: out / name for name in names}
     if cfg.evaluate_base:
         pipelines = {"base": Path(resolve_pretrained(configs[names[0]][1].model.pretrained)), **pipelines}
     results, records = {}, {}

@@ -61,9 +61,9 @@ def evaluate_run(cfg: DictConfig) -> dict:
         raise ConfigError(f"run_dir={run_dir}: no config.yaml; give the directory of a memfilter training run")
     train_cfg = OmegaConf.load(run_dir / "config.yaml")
     e = cfg.evaluation
-    pipeline = cfg.pipeline or run_dir / "pipeline"
-    if not cfg.pipeline and not (run_dir / "pipeline" / "model_index.json").exists():
-        raise ConfigError(f"run_dir={run_dir}: no final pipeline (pipeline/model_index.json); the run did not "
+    pipeline = cfg.pipeline or run_dir          # the final pipeline sits at the run's root, as diffusers puts it
+    if not cfg.pipeline and not (run_dir / "model_index.json").exists():
+        raise ConfigError(f"run_dir={run_dir}: no final pipeline (model_index.json); the run did not "
                           "finish: resume it, or name a pipeline with pipeline=<dir>")
     device = _device(cfg.device)
     try:

@@ -115,6 +115,18 @@ def main(cfg: DictConfig) -> None:
     run_or_exit(run, cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: diffusers' flags (launch/diffusers_flags.py) beside Hydra overrides."""
+    from launch.diffusers_flags import FlagError, translate
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        sys.argv[1:] = translate(sys.argv[1:])
+    except FlagError as err:
+        print(f"memfilter: {err}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

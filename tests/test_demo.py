@@ -64,7 +64,7 @@ def test_demo_runs_end_to_end_and_reports_every_section(tmp_path):
         res = data["results"][name]
         assert res["filter"]["overall"]["duplicated_judged"] + res["filter"]["overall"]["unique_judged"] > 0
         assert len(res["rows"]) == 2 * 2 + 6
-        assert (out / name / "pipeline" / "model_index.json").exists()
+        assert (out / name / "model_index.json").exists()
         assert data["runs"][name]["summary"]["steps"] == 4
     # every judged sample of the unfiltered run was kept; the records cover 4 steps x 8 samples
     assert data["results"]["unfiltered"]["filter"]["overall"]["dropped"] == 0

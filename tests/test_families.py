@@ -92,14 +92,14 @@ def test_sdxl_filtered_fine_tune_writes_records_and_a_pipeline_that_loads_genera
     assert len(rec) == 2 * 4 and sorted(rec.step.unique()) == [1, 2]
     assert np.isfinite(rec.magnitude[rec.eligible]).all() and (rec.magnitude[rec.eligible] > 0).all()
     assert summary["samples_seen"] == 8
-    pipe = StableDiffusionXLPipeline.from_pretrained(run_dir / "pipeline")
+    pipe = StableDiffusionXLPipeline.from_pretrained(run_dir)
     image = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (16, 16, 3) and np.isfinite(image).all()
 
     from evaluation.detect import score_prompts
     from evaluation.generate import load_pipeline
-    scores, mags = score_prompts(load_pipeline(run_dir / "pipeline"), ["a red circle", "a blue square"],
+    scores, mags = score_prompts(load_pipeline(run_dir), ["a red circle", "a blue square"],
                                  num_generations=2, num_steps=2, num_inference_steps=4)
     assert mags.shape == (2, 2, 2) and torch.isfinite(scores).all() and (scores > 0).all()
 
@@ -111,5 +111,5 @@ def test_the_exported_pipeline_keeps_the_base_models_scheduler(tmp_path):
     pipe.save_pretrained(tmp_path / "base")
     run_dir, _ = train_in_process(tmp_path, [f"model.pretrained={tmp_path / 'base'}", "max_train_steps=1",
                                              "filter=none"])
-    sched = json.loads((run_dir / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    sched = json.loads((run_dir / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "EulerDiscreteScheduler" and sched["timestep_spacing"] == "trailing"

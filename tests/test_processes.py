@@ -40,11 +40,11 @@ def test_two_processes_record_every_sample_once_and_decide_globally(tmp_path):
         top2 = set(g.nlargest(2, "magnitude").key)
         assert set(g[~g.kept].key) == top2, f"step {step}: decisions differ from the global top-2"
     assert (run_dir / "checkpoint-2" / "random_states_1.pkl").exists()   # both ranks took part in the save
-    assert (run_dir / "pipeline" / "model_index.json").exists()
+    assert (run_dir / "model_index.json").exists()
 
 
 def _unet_weights(run_dir):
-    return load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    return load_file(run_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 @pytest.mark.parametrize("data", ["world", "webdataset"])
@@ -77,7 +77,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, data):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
-    assert not (killed / "pipeline").exists()
+    assert not (killed / "model_index.json").exists()
     stale = read_records(killed / "records").to_pandas()
     assert stale.step.max() > 6                          # records past the last checkpoint exist, to be dropped
 

@@ -39,15 +39,18 @@ def test_run_directory_is_complete_and_pipeline_loads(tmp_path):
         assert group.magnitude.idxmax() == dropped[dropped.step == step].index[0]
     assert json.loads((run_dir / "train_summary.json").read_text())["steps"] == 4
 
-    pipe = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(run_dir)
     assert pipe.scheduler.config.prediction_type == "epsilon"
     image = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (16, 16, 3) and np.isfinite(image).all()
-    # the exported UNet is the trained one, not the initial one
-    ckpt = load_file(run_dir / "checkpoint-4" / "model.safetensors")
-    name = next(k for k in ckpt if k.endswith("conv_in.weight"))
-    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], ckpt[name])
+    # diffusers' layout: the pipeline at the run's root, the checkpoint's UNet loadable by diffusers; the exported
+    # UNet is the trained one (the last checkpoint's), not the initial one
+    ckpt = UNet2DConditionModel.from_pretrained(run_dir / "checkpoint-4", subfolder="unet")
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], ckpt.state_dict()["conv_in.weight"])
+    assert not (run_dir / "checkpoint-4" / "model.safetensors").exists()     # no second, flat copy
+    card = (run_dir / "README.md").read_text()                 # the model card, as diffusers' scripts write one
+    assert "filter=batch_quantile" in card and "75.0%" in card and "![000-00](samples/final/000-00.png)" in card
 
 
 def test_every_sample_dropped_is_safe(tmp_path):
@@ -63,7 +66,7 @@ def test_every_sample_dropped_is_safe(tmp_path):
                    "model.tiny.vae_channels=[32,32]"])
     from launch.builders import build_components
     initial = build_components(cfg.model).unet.state_dict()
-    trained = UNet2DConditionModel.from_pretrained(run_dir / "pipeline" / "unet").state_dict()
+    trained = UNet2DConditionModel.from_pretrained(run_dir / "unet").state_dict()
     assert all(torch.equal(initial[k], trained[k]) for k in initial)
 
 
@@ -76,8 +79,8 @@ def test_filter_changes_the_update(tmp_path):
     ra, rb = (read_records(d / "records").to_pandas() for d in (a, b))
     # same data, same noise: identical magnitudes at step 1 (before any update differs)
     np.testing.assert_array_equal(ra[ra.step == 1].magnitude, rb[rb.step == 1].magnitude)
-    ua = UNet2DConditionModel.from_pretrained(a / "pipeline" / "unet").state_dict()
-    ub = UNet2DConditionModel.from_pretrained(b / "pipeline" / "unet").state_dict()
+    ua = UNet2DConditionModel.from_pretrained(a / "unet").state_dict()
+    ub = UNet2DConditionModel.from_pretrained(b / "unet").state_dict()
     assert any(not torch.equal(ua[k], ub[k]) for k in ua)
 
 
@@ -93,18 +96,27 @@ def test_pretrained_directory_v_prediction_lora_and_ema(tmp_path):
         f"model.pretrained={tmp_path / 'base'}", "model.prediction_type=v_prediction", "model.lora.rank=4",
         "max_train_steps=2", "checkpointing_steps=2"])
     assert summary["steps"] == 2
-    assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()
-    pipe = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline")
+    assert (run_dir / "pytorch_lora_weights.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(run_dir)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.unet.config.sample_size * 2 == 16                      # resolution came from the model
     lora_pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
-    lora_pipe.load_lora_weights(run_dir / "lora")
+    lora_pipe.load_lora_weights(run_dir)
     out = lora_pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np").images
     assert np.isfinite(out).all()
+    # a LoRA checkpoint holds only the adapters, as diffusers' LoRA script writes them
+    ckpt = run_dir / "checkpoint-2"
+    assert (ckpt / "pytorch_lora_weights.safetensors").exists() and not (ckpt / "unet").exists()
+    assert set(load_file(ckpt / "pytorch_lora_weights.safetensors")) == \
+        set(load_file(run_dir / "pytorch_lora_weights.safetensors"))
 
     run_dir, summary = train_in_process(tmp_path / "ema", ["use_ema=true", "ema_decay=0.5", "max_train_steps=2",
                                                            "checkpointing_steps=1"])
-    assert (run_dir / "checkpoint-1" / "ema.safetensors").exists()
+    ema = UNet2DConditionModel.from_pretrained(run_dir / "checkpoint-2", subfolder="unet_ema")
+    raw = UNet2DConditionModel.from_pretrained(run_dir / "checkpoint-2", subfolder="unet")
+    final = UNet2DConditionModel.from_pretrained(run_dir, subfolder="unet")       # the export holds the EMA weights
+    assert torch.equal(final.state_dict()["conv_in.weight"], ema.state_dict()["conv_in.weight"])
+    assert not torch.equal(raw.state_dict()["conv_in.weight"], ema.state_dict()["conv_in.weight"])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -186,7 +198,7 @@ def test_imagefolder_bad_images_and_an_all_bad_batch(tmp_path):
     assert summary["samples_seen"] == 2 and summary["skipped_steps"] == 1      # the all-bad step
     report = json.loads((run_dir / "data_report.json").read_text())
     assert report["skipped"] == {"undecodable": 1} and report["used"] == 2
-    unet = UNet2DConditionModel.from_pretrained(run_dir / "pipeline" / "unet")
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
     assert all(torch.isfinite(p).all() for p in unet.parameters())
 
 
@@ -256,9 +268,9 @@ def test_lora_in_bf16_is_fused_into_the_full_precision_base(tmp_path):
                                         "mixed_precision=bf16", "max_train_steps=2", "optim.learning_rate=1e-2"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = UNet2DConditionModel.from_pretrained(tmp_path / "base" / "unet").state_dict()
-    after = UNet2DConditionModel.from_pretrained(run_dir / "pipeline" / "unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(run_dir / "unet").state_dict()
     assert any(not torch.equal(before[k].bfloat16().float(), before[k]) for k in before)   # bf16 would show
-    lora = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    lora = load_file(run_dir / "pytorch_lora_weights.safetensors")
     layers = [k.removeprefix("unet.").removesuffix(".lora.down.weight") for k in lora if k.endswith("lora.down.weight")]
     assert layers and all(f"{k}.weight" in before for k in layers)
     adapted = {f"{k}.weight" for k in layers}

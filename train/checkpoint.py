@@ -1,7 +1,8 @@
 """Checkpoints: `checkpoint-<step>/` as diffusers' scripts write them, made atomic, plus our own state.
 
-Accelerate's `save_state` writes the model (safetensors), optimizer and RNG states. Everything
-memfilter adds (train position, lr schedule, EMA, filter policy state) is written beside it as
+Accelerate's `save_state` writes the optimizer and RNG states, and through `register_diffusers_format`'s hooks the
+UNet as diffusers does (`unet/`, `unet_ema/`, or only the LoRA adapters). Everything memfilter adds (train
+position, lr schedule, filter policy state) is written beside it as
 safetensors for tensors and JSON for the rest, never pickled. A checkpoint is written to a hidden
 `.checkpoint-<step>.tmp/` and renamed when complete, so a run killed mid-save leaves no half
 checkpoint that `resume_from_checkpoint=latest` could pick; `latest` names the newest complete one.
@@ -134,3 +135,56 @@ def load_checkpoint(accelerator, path: str | os.PathLike, stateful: dict[str, An
     for name, obj in stateful.items():
         obj.load_state_dict(load_state_dict(path, name))
     return json.loads((path / META).read_text())
+
+
+def register_diffusers_format(accelerator, family, ema=None, lora: bool = False) -> None:
+    """Checkpoints hold the UNet as diffusers' scripts write it, through accelerate's save/load hooks:
+    `checkpoint-N/unet` (UNet2DConditionModel.from_pretrained(..., subfolder="unet") loads it) and
+    `checkpoint-N/unet_ema`, or for LoRA only the adapters (`pytorch_lora_weights.safetensors`, loadable with
+    `load_lora_weights`). Weights round-trip exactly in fp32, so a resumed run continues bit for bit."""
+
+    def save_hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        if ema is not None:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        for model in models:
+            unet = accelerator.unwrap_model(model)
+            if lora:
+                from diffusers.utils import convert_state_dict_to_diffusers
+                from peft.utils import get_peft_model_state_dict
+                family.save_lora(output_dir, convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+            else:
+                unet.save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+            if weights:
+                weights.pop()          # accelerate must not write its flat model.safetensors too
+
+    def load_hook(models, input_dir):
+        if ema is not None:
+            from diffusers.training_utils import EMAModel
+            saved = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ema.model_cls)
+            ema.load_state_dict(saved.state_dict())
+        while models:
+            unet = accelerator.unwrap_model(models.pop())
+            if lora:
+                _load_lora_adapters(unet, family, input_dir)
+            else:
+                saved = type(unet).from_pretrained(input_dir, subfolder="unet")
+                unet.load_state_dict(saved.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _load_lora_adapters(unet, family, input_dir) -> None:
+    """The adapters of a LoRA checkpoint into the UNet's existing (trainable, fp32) adapter weights."""
+    import diffusers
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    lora_state, _ = getattr(diffusers, family.pipeline_class_name).lora_state_dict(input_dir)
+    unet_state = {k.removeprefix("unet."): v for k, v in lora_state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{input_dir}: LoRA checkpoint has keys this UNet's adapters lack, e.g. "
+                         f"{result.unexpected_keys[:2]}")

@@ -46,7 +46,7 @@ def export_pipeline(components: Components, unet, out_dir: str | Path, lora: boo
     """Save the final model as its family's full pipeline (loadable by `from_pretrained`), with the base model's
     scheduler.
 
-    With LoRA, `pytorch_lora_weights.safetensors` goes to <out_dir>/../lora as diffusers writes it, and the
+    With LoRA, `pytorch_lora_weights.safetensors` goes to <out_dir> as diffusers writes it, and the
     pipeline gets the adapters fused into the full-precision base UNet of `components` (kept in fp32 when the
     run trained in bf16/fp16), so it loads without peft and its frozen weights are the base model's, bit for bit.
     """
@@ -56,7 +56,7 @@ def export_pipeline(components: Components, unet, out_dir: str | Path, lora: boo
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
         adapters = get_peft_model_state_dict(unet)
-        get_family(components).save_lora(out_dir.parent / "lora", convert_state_dict_to_diffusers(adapters))
+        get_family(components).save_lora(out_dir, convert_state_dict_to_diffusers(adapters))
         fused = copy.deepcopy(components.unet).to(torch.float32)   # fuse in fp32: deltas vanish in bf16 weights
         if components.unet is not unet:                   # the fp32 base kept apart: give it the trained adapters
             fused.add_adapter(unet.peft_config["default"])
@@ -66,3 +66,40 @@ def export_pipeline(components: Components, unet, out_dir: str | Path, lora: boo
         unet = fused
     build_pipeline(components, unet.to(torch.float32)).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def write_model_card(run_dir: str | Path, summary: dict, config: dict | None, family: str) -> Path:
+    """README.md in the run directory, as diffusers' scripts write one: base model, data, filter and what it kept,
+    the validation images, and how to load the pipeline. Never over an existing README (a user's own)."""
+    run_dir, config = Path(run_dir), config or {}
+    model, data, filt = config.get("model") or {}, config.get("data") or {}, config.get("filter") or {}
+    base = model.get("pretrained") or f"a tiny {family} model built from config"
+    where = data.get("shards") or data.get("path") or data.get("name", "?")
+    images = sorted((run_dir / "samples" / "final").glob("*.png"))
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+    lines = [
+        "---", f"base_model: {base}", "library_name: diffusers", "license: other",
+        "tags: [text-to-image, diffusers, memfilter]", "---", "",
+        f"# {run_dir.name}: a memfilter fine-tune of {base}", "",
+        f"Fine-tuned with the memorization filter `filter={summary.get('policy')}` of memfilter: every step, "
+        "samples whose text-conditional noise prediction stood out (Wen et al., ICLR 2024) were kept out of the loss.",
+        "", "| | |", "| --- | --- |",
+        f"| data | {data.get('name', '?')}: `{where}` |",
+        f"| steps | {summary.get('steps')} x {config.get('train_batch_size', '?')} per process x "
+        f"{summary.get('world_size')} process(es), learning rate {(config.get('optim') or {}).get('learning_rate')} |",
+        f"| samples kept | {pct(summary.get('kept_fraction'))} (duplicated: {pct(summary.get('dup_kept_fraction'))}, "
+        f"others: {pct(summary.get('nondup_kept_fraction'))}) |",
+        f"| filter settings | `{ {k: v for k, v in filt.items() if k != 'protect'} }` |",
+        f"| per-sample decisions | `records/` (Parquet: step, key, timestep, magnitude, kept, loss) |", "",
+        "```python", "from diffusers import DiffusionPipeline", "",
+        f'pipe = DiffusionPipeline.from_pretrained("{run_dir}")', "```", ""]
+    if images:
+        prompts = (run_dir / "samples" / "final" / "prompts.txt").read_text().splitlines()
+        lines += ["## Validation images", "", f"Prompts: {'; '.join(prompts)}", "",
+                  *[f"![{p.stem}](samples/final/{p.name})" for p in images], ""]
+    path = run_dir / "README.md"
+    if not path.exists():
+        path.write_text("\n".join(lines))
+    return path

@@ -41,12 +41,12 @@ from filtering.policies import FilterPolicy, item_groups
 from filtering.protect import Protect
 from filtering.records import RecordWriter
 from filtering.settings import check_settings, int_at_least, is_int, num_in, setting
-from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import find_checkpoint, load_checkpoint, register_diffusers_format, save_checkpoint
 from train.data.collate import CollateForTraining
 from train.data.report import DataReport, merge_reports, write_report
 from train.data.transforms import ImageTransform
 from train.data.feed import data_stream, make_feed
-from train.export import export_pipeline, save_images, validation_images
+from train.export import export_pipeline, save_images, validation_images, write_model_card
 from train.families import get_family
 from train.models import Components, add_lora
 from train.step import StepStats, filtered_diffusion_step
@@ -308,6 +308,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                            weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
         self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        register_diffusers_format(self.accelerator, self.family, self.ema, lora=bool(args.lora_rank))
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]   # as prepared (wrappers may replace)
 
@@ -339,8 +340,6 @@ class _Run:
         # order matters: the per-rank entry is loaded after train_state and overrides its positions
         self.stateful = {"train_state": state, "lr_scheduler": self.lr_scheduler, "policy": self.policy,
                          "rank_states": self.rank_states}
-        if self.ema is not None:
-            self.stateful["ema"] = self.ema
         self.records = RecordWriter(self.run_dir / "records", self.rank, flush_every=args.records_flush_every)
         path = find_checkpoint(self.run_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
         if args.resume_from_checkpoint and path is None:
@@ -486,9 +485,10 @@ class _Run:
             write_report(self.run_dir / "data_report.json", data_summary)
             if self.ema is not None:
                 self.ema.copy_to(self.raw_unet.parameters())
-            export_pipeline(self.export_c, self.raw_unet, self.run_dir / "pipeline", lora=bool(args.lora_rank))
+            export_pipeline(self.export_c, self.raw_unet, self.run_dir, lora=bool(args.lora_rank))
             summary = self.summary(data_summary, t0)
             (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            write_model_card(self.run_dir, summary, self.config, self.family.name)
             self.tracker.log({"summary/" + k: v for k, v in summary.items() if isinstance(v, (int, float))},
                              state.global_step)
         self.accelerator.wait_for_everyone()
@@ -507,7 +507,7 @@ class _Run:
             "samples_per_epoch": self.batches_per_epoch * args.train_batch_size * self.world,
             "data_skipped": data_summary["skipped"], "world_size": self.world, "policy": self.policy.name,
             "wall_seconds": round(time.time() - t0, 1), "family": self.family.name,
-            "pipeline": str(self.run_dir / "pipeline"), "records": str(self.run_dir / "records"),
+            "pipeline": str(self.run_dir), "records": str(self.run_dir / "records"),
         }
 
 
