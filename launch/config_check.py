@@ -41,7 +41,8 @@ _RULES = [
     ("model.prediction_type", lambda v: v in (None, "epsilon", "v_prediction"), "null, epsilon or v_prediction"),
     ("model.lora.rank", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: full fine-tuning)"),
     ("model.tiny.family", lambda v: v in FAMILIES, f"one of {', '.join(FAMILIES)} (model=tiny or model=tiny_sdxl)"),
-    ("logger.name", lambda v: v in ("wandb", "none"), "wandb or none (pick with logger=wandb / logger=none)"),
+    ("logger.name", lambda v: v in ("wandb", "tensorboard", "all", "none"),
+     "wandb, tensorboard, all or none (pick with logger=<name>, or --report_to=<name>)"),
 ]
 
 
@@ -89,8 +90,9 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
         raise ConfigError(f"filter.protect.keep_list={protect['keep_list']!r}: no such file; give a text file "
                           "with one key per line or a Parquet file with a `key` column")
     _check_world_data(cfg)
-    if cfg.logger.name == "wandb" and cfg.logger.get("mode") not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r}: must be offline, online or disabled")
+    if cfg.logger.name in ("wandb", "all") and cfg.logger.get("mode") not in (None, "offline", "online", "disabled"):
+        raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r}: must be null (WANDB_MODE), offline, online or "
+                          "disabled")
 
 
 def _check_world_data(cfg: DictConfig) -> None:

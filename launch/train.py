@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> dict:
 
     from launch.builders import build_components, build_dataset, build_filter, build_protect, native_resolution
     from train.loop import train
-    from train.tracking import NullTracker, WandbTracker
+    from train.tracking import NullTracker
 
     check_train_config(cfg, torch.cuda.is_available())
     accelerator = Accelerator(
@@ -63,10 +63,7 @@ def run(cfg: DictConfig) -> dict:
     policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
     protect = build_protect(cfg.filter)
     args, optim = train_args(cfg)
-    tracker = NullTracker()
-    if accelerator.is_main_process and cfg.logger.name == "wandb":
-        tracker = WandbTracker(run_dir, project=cfg.logger.project, entity=cfg.logger.entity, config=resolved,
-                               mode=cfg.logger.mode, tags=list(cfg.logger.tags))
+    tracker = build_tracker(cfg.logger, run_dir, resolved) if accelerator.is_main_process else NullTracker()
     log.info("run directory: %s (%d process(es), %s, filter=%s)", run_dir, accelerator.num_processes,
              accelerator.device, policy.name)
     try:
@@ -77,6 +74,20 @@ def run(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         _print_summary(summary, run_dir)
     return summary
+
+
+def build_tracker(logger: DictConfig, run_dir: Path, config: dict):
+    """logger=wandb | tensorboard | all | none (diffusers' --report_to)."""
+    from train.tracking import NullTracker, TensorBoardTracker, Trackers, WandbTracker
+
+    trackers = []
+    if logger.name in ("wandb", "all"):
+        name = logger.run_name or os.environ.get("WANDB_NAME") or f"{config['filter']['name']}-{run_dir.name}"
+        trackers.append(WandbTracker(run_dir, project=logger.project, entity=logger.entity, config=config,
+                                     mode=logger.mode, name=name, tags=list(logger.tags), group=logger.group))
+    if logger.name in ("tensorboard", "all"):
+        trackers.append(TensorBoardTracker(run_dir, config))
+    return Trackers(trackers) if len(trackers) > 1 else (trackers[0] if trackers else NullTracker())
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> None:

@@ -56,8 +56,9 @@ def test_flags_translate_to_overrides_and_refusals_say_why():
     assert translate(["--report_to", "wandb", "--local_rank=0", "--cfg", "job"]) == ["logger=wandb", "--cfg", "job"]
     with pytest.raises(FlagError, match="--push_to_hub: no hub access"):
         translate(["--push_to_hub"])
-    with pytest.raises(FlagError, match="--report_to=tensorboard: choose one of wandb, none"):
-        translate(["--report_to=tensorboard"])
+    assert translate(["--report_to=tensorboard"]) == ["logger=tensorboard"]
+    with pytest.raises(FlagError, match="--report_to=comet_ml: choose one of wandb, tensorboard, all, none"):
+        translate(["--report_to=comet_ml"])
     with pytest.raises(FlagError, match="--lerning_rate: not a flag"):
         translate(["--lerning_rate=1"])
 
