@@ -253,42 +253,82 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory(prefix="bench-wds-") as tmp:
         folder = args.data_dir or Path(tmp)
-        found = existing_shards(folder)
-        if found is None:
-            t0 = time.perf_counter()
-            write_shards(folder, args.samples, args.shards, args.image_size, args.quality, args.seed)
-            found = existing_shards(folder)
-            print(f"wrote {found[1]} samples in {time.perf_counter() - t0:.1f}s to {folder}", file=sys.stderr)
-        pattern, n = found
+        pattern, n = _shards(folder, args)
         jpegs = read_jpegs(folder)
-        with Image.open(io.BytesIO(jpegs[0])) as im:
-            size = im.size
         threads, cores = torch.get_num_threads(), os.cpu_count()
         mp = args.mp_context or torch.multiprocessing.get_start_method()
-        setup = (f"{n} JPEGs {size[0]}x{size[1]} (mean {np.mean([len(j) for j in jpegs]) / KiB:.1f} KiB) in "
-                 f"{len(list(folder.glob('shard-*.tar')))} shards; resolution {args.resolution}, batch "
-                 f"{args.batch_size}, shuffle buffer {args.shuffle_buffer}; {cores} CPU cores, torch "
-                 f"{torch.__version__} with {threads} intra-op thread(s), workers start by {mp}")
+        setup = _describe_setup(folder, n, jpegs, args, threads, cores, mp)
         print(f"data pipeline: {setup}", file=sys.stderr)
-
-        transform = ImageTransform(args.resolution)
-        variants = {"decode": lambda: plain_loop(jpegs, None),
-                    "decode+transform": lambda: plain_loop(jpegs, transform)}
-        if threads > 1:
-            variants["decode+transform 1 thread"] = lambda: plain_loop(jpegs, transform, threads=1)
-        for w in args.workers:
-            variants[f"pipeline w={w}"] = lambda w=w: pipeline_epoch(pattern, w, args)
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
-        with tqdm(total=args.rounds * len(variants), desc="epochs", leave=False) as bar:
-            for _ in range(args.rounds):
-                for name, fn in variants.items():
-                    runs[name].append(measured(fn))
-                    bar.update()
+        runs = _time_in_rounds(_variants(jpegs, pattern, args, threads), args.rounds)
 
     med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], (int, float))}
            for v, rs in runs.items()}
+    _print_table(setup, args.rounds, med)
+    busiest = max((m.get("other_cores", 0.0) for m in med.values()), default=0.0)
+    if busiest > 0.25:
+        print(f"warning: other processes kept up to {busiest:.2f} of {cores} cores busy during the epochs; "
+              "the figures are not those of a quiet machine (threaded torch ops suffer most)")
+    derived = _print_ratios(med, cores)
+
+    result = {"setup": setup, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                         if k != "json"},
+              "torch": torch.__version__, "cpu_count": cores, "torch_threads": threads, "mp_context": mp,
+              "max_other_cores": busiest, "runs": runs, "median": med, **derived}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _shards(folder: Path, args: argparse.Namespace) -> tuple[str, int]:
+    """(pattern, samples) of the shards in folder, written first unless an earlier run left them there."""
+    found = existing_shards(folder)
+    if found is None:
+        t0 = time.perf_counter()
+        write_shards(folder, args.samples, args.shards, args.image_size, args.quality, args.seed)
+        found = existing_shards(folder)
+        print(f"wrote {found[1]} samples in {time.perf_counter() - t0:.1f}s to {folder}", file=sys.stderr)
+    return found
+
+
+def _describe_setup(folder: Path, n: int, jpegs: list[bytes], args: argparse.Namespace, threads: int,
+                    cores: int | None, mp: str) -> str:
+    """One line on the data and the machine, printed before and after the timings and kept in the json."""
+    with Image.open(io.BytesIO(jpegs[0])) as im:
+        size = im.size
+    return (f"{n} JPEGs {size[0]}x{size[1]} (mean {np.mean([len(j) for j in jpegs]) / KiB:.1f} KiB) in "
+            f"{len(list(folder.glob('shard-*.tar')))} shards; resolution {args.resolution}, batch "
+            f"{args.batch_size}, shuffle buffer {args.shuffle_buffer}; {cores} CPU cores, torch "
+            f"{torch.__version__} with {threads} intra-op thread(s), workers start by {mp}")
+
+
+def _variants(jpegs: list[bytes], pattern: str, args: argparse.Namespace, threads: int) -> dict:
+    """Variant name -> one timed epoch; the plain loops first, as the tables list them."""
+    transform = ImageTransform(args.resolution)
+    variants = {"decode": lambda: plain_loop(jpegs, None),
+                "decode+transform": lambda: plain_loop(jpegs, transform)}
+    if threads > 1:
+        variants["decode+transform 1 thread"] = lambda: plain_loop(jpegs, transform, threads=1)
+    for w in args.workers:
+        variants[f"pipeline w={w}"] = lambda w=w: pipeline_epoch(pattern, w, args)
+    return variants
+
+
+def _time_in_rounds(variants: dict, rounds: int) -> dict[str, list[dict]]:
+    """Every variant once per round, round after round, so drift in the machine's load hits all alike."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tqdm(total=rounds * len(variants), desc="epochs", leave=False) as bar:
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                runs[name].append(measured(fn))
+                bar.update()
+    return runs
+
+
+def _print_table(setup: str, rounds: int, med: dict[str, dict]) -> None:
+    """The median figures of every variant, against the decode floor and the decode+transform loop."""
     floor, unavoidable = med["decode"]["samples_per_s"], med["decode+transform"]["samples_per_s"]
-    print(f"\ndata pipeline: {setup}; median of {args.rounds} round(s)")
+    print(f"\ndata pipeline: {setup}; median of {rounds} round(s)")
     print(f"{'variant':<26} {'samples/s':>10} {'steady/s':>9} {'1st batch':>10} {'epoch':>8} "
           f"{'/decode':>8} {'/dec+tf':>8} {'cpu ms/sample':>13} {'own cpu':>8} {'others':>7}")
     for v, m in med.items():
@@ -301,10 +341,12 @@ def main(argv: list[str] | None = None) -> dict:
     print("(cpu ms/sample: CPU time of this process and its workers per sample, less sensitive to other load "
           "than samples/s; own cpu, others: cores busy during the epoch in this process and its workers, "
           "and in other processes on the machine)")
-    busiest = max((m.get("other_cores", 0.0) for m in med.values()), default=0.0)
-    if busiest > 0.25:
-        print(f"warning: other processes kept up to {busiest:.2f} of {cores} cores busy during the epochs; "
-              "the figures are not those of a quiet machine (threaded torch ops suffer most)")
+
+
+def _print_ratios(med: dict[str, dict], cores: int | None) -> dict:
+    """Prints the pipeline's speed against the plain loops and its own cost per sample; returns those
+    figures under their keys in the json."""
+    floor, unavoidable = med["decode"]["samples_per_s"], med["decode+transform"]["samples_per_s"]
     ratios = {v: {"total": m["samples_per_s"] / floor, "steady": m["steady_samples_per_s"] / floor,
                   "total_vs_decode_transform": m["samples_per_s"] / unavoidable}
               for v, m in med.items() if v.startswith("pipeline")}
@@ -323,18 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  if "pipeline w=0" in overhead else "not timed"))
     print("(pipeline = tar reading, shuffle, checks, captions, tokenization, collate and, with workers, "
           f"start-up and IPC, on top of decode+transform; {cores} cores shared by the workers and the main process)")
-
-    result = {"setup": setup, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                         if k != "json"},
-              "torch": torch.__version__, "cpu_count": cores, "torch_threads": threads, "mp_context": mp,
-              "max_other_cores": busiest,
-              "runs": runs, "median": med, "ratios_vs_decode": ratios, "per_sample_ms": per_sample_ms,
-              "overhead_ms_per_sample": overhead, "overhead_cpu_ms_per_sample": cpu_overhead}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
-    return result
-
+    return {"ratios_vs_decode": ratios, "per_sample_ms": per_sample_ms, "overhead_ms_per_sample": overhead,
+            "overhead_cpu_ms_per_sample": cpu_overhead}
 
 if __name__ == "__main__":
     main()

@@ -85,87 +85,21 @@ def evaluate(pipe, training_source, descriptor, out_dir: str | Path, settings: E
     out.mkdir(parents=True, exist_ok=True)
     s = settings
 
-    # 1. training set: metadata for prompts, descriptors for the search (cached)
-    meta: list[dict] = []
-    reference: list[Image.Image] = []
-
-    def train_images():
-        for sample in unique_training_samples(training_source):
-            meta.append({"key": sample["key"], "caption": sample["caption"], "meta": sample["meta"]})
-            if reference_images is None and len(reference) < s.max_reference:
-                reference.append(sample["image"])
-            yield sample["key"], sample["image"]
-
-    train_keys, train_desc = embed(descriptor, train_images(), cache_dir=cache_dir or out / "cache")
-    train_dup = {m["key"]: int(m["meta"].get("dup_group", -1)) for m in meta}
-
-    # 2. prompt sets
-    sets: dict[str, list[dict]] = {}
-    if s.training_prompts:
-        sets.update(training_prompts(meta, s.max_duplicated, s.max_unique, seed=s.seed))
-    for f in s.prompt_files:
-        sets[Path(f).stem] = load_prompt_file(f, limit=s.prompt_limit)
-    sets = {k: v for k, v in sets.items() if v}
-
-    # 3. generate, embed, search
-    rows = []
-    for name, prompts in sets.items():
-        rows += generate(pipe, prompts, out / "generations", set_name=name,
-                         num_images_per_prompt=s.num_images_per_prompt, seed=s.seed, batch_size=s.batch_size,
-                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                         resolution=s.resolution)
+    meta, reference, train_keys, train_desc = _embed_training_set(
+        training_source, descriptor, cache_dir or out / "cache", reference_images, s.max_reference)
+    sets = _prompt_sets(meta, s)
+    rows = _generate(pipe, sets, out, s)
     images = [Image.open(r["path"]).convert("RGB") for r in rows]
-    gen_desc = torch.cat([descriptor(images[i:i + 64]) for i in range(0, len(images), 64)]) if images else \
-        torch.zeros(0, descriptor.dim)
-    sims, idx = nearest_neighbours(gen_desc, train_desc, k=1)
-    for r, sim, i in zip(rows, sims[:, 0].tolist(), idx[:, 0].tolist()):
-        r["nn_key"] = train_keys[i]
-        r["similarity"] = float(sim)
-        r["nn_is_own_item"] = r["nn_key"] in set(r["train_keys"])
-        r["nn_dup_group"] = train_dup.get(r["nn_key"], -1)
-        r["replicated"] = r["similarity"] > s.threshold
+    _match(rows, images, descriptor, train_keys, train_desc, meta, s.threshold)
     pq.write_table(pa.Table.from_pylist(rows), out / "generations.parquet")
 
-    # 4. statistics: per set, per prompt (max over its generations), background
-    per_set = {}
-    for name in sets:
-        sel = [r for r in rows if r["set"] == name]
-        sim = np.array([r["similarity"] for r in sel])
-        per_prompt = {}
-        for r in sel:
-            per_prompt[r["prompt_id"]] = max(per_prompt.get(r["prompt_id"], -1.0), r["similarity"])
-        pp = np.array(list(per_prompt.values()))
-        per_set[name] = {**replication_stats(sim, s.threshold),
-                         "prompts": len(per_prompt),
-                         "prompt_max_mean": float(pp.mean()) if pp.size else None,
-                         "prompt_frac_above": float((pp > s.threshold).mean()) if pp.size else None}
-        labels = sorted({r["label"] for r in sel if r["label"]})
-        if labels:                                         # e.g. VM / TM rows of the memorized prompt files
-            per_set[name]["by_label"] = {lab: replication_stats(np.array([r["similarity"] for r in sel
-                                                                          if r["label"] == lab]), s.threshold)
-                                         for lab in labels}
+    per_set = _replication_by_set(rows, sets, s.threshold)
     background = background_similarity(train_desc, sample=s.background_sample, seed=s.seed)
     background_stats = replication_stats(background, s.threshold) if len(background) else None
-
-    # 5. pictures: histograms and the top-match grid
-    groups = {name: np.array([r["similarity"] for r in rows if r["set"] == name]) for name in sets}
-    if len(background):
-        groups["train vs train (background)"] = np.asarray(background)
-    similarity_histogram(groups, out / "similarity_hist.png", threshold=s.threshold,
-                         title=f"nearest training image ({descriptor.describe()['name']})")
-    top = sorted(range(len(rows)), key=lambda i: -rows[i]["similarity"])[:s.grid_rows]
-    matches = fetch_images(training_source, {rows[i]["nn_key"] for i in top})
-    match_grid([{"generated": images[i], "match": matches.get(rows[i]["nn_key"]),
-                 "similarity": rows[i]["similarity"], "prompt": rows[i]["prompt"]} for i in top],
-               out / "top_matches.png")
-
-    # 6. quality (each metric measured or skipped with its reason)
-    # quality on the prompts that should not replicate (all of them if there are only duplicated ones)
-    q_idx = [i for i, r in enumerate(rows) if r["set"] != "duplicated"] or list(range(len(rows)))
-    quality = quality_metrics([images[i] for i in q_idx],
-                              reference_images if reference_images is not None else reference,
-                              [rows[i]["prompt"] for i in q_idx], inception_path=s.inception_path,
-                              clip_path=s.clip_path, device=str(pipe.device))
+    _pictures(rows, images, sets, background, descriptor, training_source, out, s)
+    # FID against the given reference set, else against the training images drawn while embedding
+    quality = _quality(rows, images, reference_images if reference_images is not None else reference,
+                       str(pipe.device), s)
 
     report = {
         "evaluated": run_info or {},
@@ -182,3 +116,107 @@ def evaluate(pipe, training_source, descriptor, out_dir: str | Path, settings: E
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     write_markdown(report, out / "report.md")
     return report
+
+
+def _embed_training_set(training_source, descriptor, cache_dir: str | Path, reference_images: list | None,
+                        max_reference: int) -> tuple[list[dict], list[Image.Image], list[str], torch.Tensor]:
+    """Descriptors of the unique training images (cached), with their metadata for the prompt sets and,
+    without given reference images, the first `max_reference` of them as the FID reference.
+
+    The metadata and reference fill as `embed` draws the images: one pass over the training source.
+    """
+    meta: list[dict] = []
+    reference: list[Image.Image] = []
+
+    def train_images():
+        for sample in unique_training_samples(training_source):
+            meta.append({"key": sample["key"], "caption": sample["caption"], "meta": sample["meta"]})
+            if reference_images is None and len(reference) < max_reference:
+                reference.append(sample["image"])
+            yield sample["key"], sample["image"]
+
+    train_keys, train_desc = embed(descriptor, train_images(), cache_dir=cache_dir)
+    return meta, reference, train_keys, train_desc
+
+
+def _prompt_sets(meta: list[dict], s: EvalSettings) -> dict[str, list[dict]]:
+    """Prompt set name -> prompts: the training captions (duplicated / unique), then each prompt file;
+    empty sets are dropped."""
+    sets: dict[str, list[dict]] = {}
+    if s.training_prompts:
+        sets.update(training_prompts(meta, s.max_duplicated, s.max_unique, seed=s.seed))
+    for f in s.prompt_files:
+        sets[Path(f).stem] = load_prompt_file(f, limit=s.prompt_limit)
+    return {k: v for k, v in sets.items() if v}
+
+
+def _generate(pipe, sets: dict[str, list[dict]], out: Path, s: EvalSettings) -> list[dict]:
+    """One row per generated image (PNGs under <out>/generations), set by set."""
+    rows = []
+    for name, prompts in sets.items():
+        rows += generate(pipe, prompts, out / "generations", set_name=name,
+                         num_images_per_prompt=s.num_images_per_prompt, seed=s.seed, batch_size=s.batch_size,
+                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                         resolution=s.resolution)
+    return rows
+
+
+def _match(rows: list[dict], images: list[Image.Image], descriptor, train_keys: list[str],
+           train_desc: torch.Tensor, meta: list[dict], threshold: float) -> None:
+    """Adds each generation's nearest training image, its similarity and whether that counts as replication."""
+    train_dup = {m["key"]: int(m["meta"].get("dup_group", -1)) for m in meta}
+    gen_desc = torch.cat([descriptor(images[i:i + 64]) for i in range(0, len(images), 64)]) if images else \
+        torch.zeros(0, descriptor.dim)
+    sims, idx = nearest_neighbours(gen_desc, train_desc, k=1)
+    for r, sim, i in zip(rows, sims[:, 0].tolist(), idx[:, 0].tolist()):
+        r["nn_key"] = train_keys[i]
+        r["similarity"] = float(sim)
+        r["nn_is_own_item"] = r["nn_key"] in set(r["train_keys"])
+        r["nn_dup_group"] = train_dup.get(r["nn_key"], -1)
+        r["replicated"] = r["similarity"] > threshold
+
+
+def _replication_by_set(rows: list[dict], sets: dict, threshold: float) -> dict[str, dict]:
+    """Per prompt set: statistics over its generations, over its prompts (max over each prompt's
+    generations) and, where rows carry labels, per label."""
+    per_set = {}
+    for name in sets:
+        sel = [r for r in rows if r["set"] == name]
+        sim = np.array([r["similarity"] for r in sel])
+        per_prompt = {}
+        for r in sel:
+            per_prompt[r["prompt_id"]] = max(per_prompt.get(r["prompt_id"], -1.0), r["similarity"])
+        pp = np.array(list(per_prompt.values()))
+        per_set[name] = {**replication_stats(sim, threshold),
+                         "prompts": len(per_prompt),
+                         "prompt_max_mean": float(pp.mean()) if pp.size else None,
+                         "prompt_frac_above": float((pp > threshold).mean()) if pp.size else None}
+        labels = sorted({r["label"] for r in sel if r["label"]})
+        if labels:                                         # e.g. VM / TM rows of the memorized prompt files
+            per_set[name]["by_label"] = {lab: replication_stats(np.array([r["similarity"] for r in sel
+                                                                          if r["label"] == lab]), threshold)
+                                         for lab in labels}
+    return per_set
+
+
+def _pictures(rows: list[dict], images: list[Image.Image], sets: dict, background, descriptor, training_source,
+              out: Path, s: EvalSettings) -> None:
+    """similarity_hist.png (each set against the train-vs-train background) and top_matches.png."""
+    groups = {name: np.array([r["similarity"] for r in rows if r["set"] == name]) for name in sets}
+    if len(background):
+        groups["train vs train (background)"] = np.asarray(background)
+    similarity_histogram(groups, out / "similarity_hist.png", threshold=s.threshold,
+                         title=f"nearest training image ({descriptor.describe()['name']})")
+    top = sorted(range(len(rows)), key=lambda i: -rows[i]["similarity"])[:s.grid_rows]
+    matches = fetch_images(training_source, {rows[i]["nn_key"] for i in top})
+    match_grid([{"generated": images[i], "match": matches.get(rows[i]["nn_key"]),
+                 "similarity": rows[i]["similarity"], "prompt": rows[i]["prompt"]} for i in top],
+               out / "top_matches.png")
+
+
+def _quality(rows: list[dict], images: list[Image.Image], reference: list, device: str, s: EvalSettings) -> dict:
+    """Each quality metric measured or skipped with its reason."""
+    # quality on the prompts that should not replicate (all of them if there are only duplicated ones)
+    q_idx = [i for i, r in enumerate(rows) if r["set"] != "duplicated"] or list(range(len(rows)))
+    return quality_metrics([images[i] for i in q_idx], reference, [rows[i]["prompt"] for i in q_idx],
+                           inception_path=s.inception_path, clip_path=s.clip_path, device=device)

@@ -321,12 +321,33 @@ def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000
     loader = DataLoader(_Entries(source, order, plan, resize, captions, seed), batch_size=None,
                         num_workers=num_workers, collate_fn=_identity)
     shards, skips = _Shards(out, shard_size), _Skips(max_examples)
+    items = tqdm(loader, total=n_entries, unit="img", desc="prep", disable=not progress)
+    rows, phashes, deduped = _write_samples(items, source.source_name, shards, skips, dedup, near_dup_threshold)
+    shards.close()
+
+    exact, near = _write_index(out, rows, phashes, shards.counts, near_dup_threshold, max_examples)
+    report = {"input": {**(input_info or {}), "source": source.source_name, "items": len(source)},
+              "output_dir": str(out.resolve()), "shard_size": shard_size, "resize": resize,
+              "written": len(rows["key"]), "shards": len(shards.counts), **skips.report(),
+              "duplication": None, "exact_duplicates": exact, "near_duplicates": near,
+              "dedup": {"mode": dedup, "skipped": dict(deduped)},
+              "seconds": round(time.time() - t0, 2)}
+    if plan is not None:
+        report["duplication"] = _duplication_written(plan, rows["dup_group"])
+    (out / "prep_report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _write_samples(items, source_name: str, shards: _Shards, skips: _Skips, dedup: str, threshold: int):
+    """Writes every acceptable item to the shards, in the order they come; skips the rest (bad input into
+    `skips`, the dedup baseline's drops counted by reason). Returns the manifest columns, the pHash of each
+    written sample and the dedup counts."""
     rows, phashes, written_keys, written_sha, deduped = defaultdict(list), [], set(), {}, Counter()
-    for item in tqdm(loader, total=n_entries, unit="img", desc="prep", disable=not progress):
+    for item in items:
         if item["skip"] is None and item["key"] in written_keys:
             item["skip"] = ("duplicate_key", f"{item['key']} (after replacing '.' by '_') is already written")
         if item["skip"] is None and dedup != "none":
-            reason = _dedup_reason(item, written_sha, np.array(phashes, dtype=np.uint64), dedup, near_dup_threshold)
+            reason = _dedup_reason(item, written_sha, np.array(phashes, dtype=np.uint64), dedup, threshold)
             if reason:                              # every appearance counts (a bad input counts once per item)
                 deduped[reason[0]] += 1
                 continue
@@ -336,40 +357,45 @@ def prepare(source: MapSource, output_dir: str | Path, *, shard_size: int = 1000
         key = item["key"]
         written_sha[item["sha256"]] = key
         written_keys.add(key)
-        meta = {"dup_group": item["group"], "dup_copy": item["copy"], "source": source.source_name,
-                "source_key": item["source_key"]}
-        if item["captions"]:
-            meta["captions"] = item["captions"]
-        if item["caption_from"] >= 0:
-            meta["caption_from"] = item["caption_from"]
-        shard = shards.write({"__key__": key, item["ext"]: item["data"], "txt": item["caption"].encode("utf-8"),
-                              "json": json.dumps(meta).encode("utf-8")})
-        row = {**item, "key": key, "source": source.source_name, "dup_group": item["group"], "dup_copy": item["copy"],
+        shard = shards.write(_tar_sample(item, source_name))
+        row = {**item, "key": key, "source": source_name, "dup_group": item["group"], "dup_copy": item["copy"],
                "shard": shard, "phash": f"{item['phash']:016x}"}
         for col in MANIFEST.names:
             rows[col].append(row[col])
         phashes.append(item["phash"])
-    shards.close()
+    return rows, phashes, deduped
 
+
+def _tar_sample(item: dict, source_name: str) -> dict:
+    """The shard members of one sample: image bytes, caption and meta json."""
+    meta = {"dup_group": item["group"], "dup_copy": item["copy"], "source": source_name,
+            "source_key": item["source_key"]}
+    if item["captions"]:
+        meta["captions"] = item["captions"]
+    if item["caption_from"] >= 0:
+        meta["caption_from"] = item["caption_from"]
+    return {"__key__": item["key"], item["ext"]: item["data"], "txt": item["caption"].encode("utf-8"),
+            "json": json.dumps(meta).encode("utf-8")}
+
+
+def _write_index(out: Path, rows: dict, phashes: list[int], shard_counts: dict[str, int], threshold: int,
+                 max_examples: int) -> tuple[dict, dict]:
+    """manifest.parquet, shards.json and duplicates.parquet; returns the exact and near duplicate reports."""
     pq.write_table(pa.table({c: rows[c] for c in MANIFEST.names}, schema=MANIFEST), out / "manifest.parquet")
-    (out / "shards.json").write_text(json.dumps(shards.counts, indent=1))
+    (out / "shards.json").write_text(json.dumps(shard_counts, indent=1))
     firsts = [n for n, c in enumerate(rows["dup_copy"]) if c == 0]     # distinct source items
     exact, near, pairs = _duplicates([rows["key"][n] for n in firsts], [rows["sha256"][n] for n in firsts],
-                                     [phashes[n] for n in firsts], near_dup_threshold, max_examples)
+                                     [phashes[n] for n in firsts], threshold, max_examples)
     pq.write_table(pairs, out / "duplicates.parquet")
-    report = {"input": {**(input_info or {}), "source": source.source_name, "items": len(source)},
-              "output_dir": str(out.resolve()), "shard_size": shard_size, "resize": resize,
-              "written": len(rows["key"]), "shards": len(shards.counts), **skips.report(),
-              "duplication": None, "exact_duplicates": exact, "near_duplicates": near,
-              "dedup": {"mode": dedup, "skipped": dict(deduped)},
-              "seconds": round(time.time() - t0, 2)}
-    if plan is not None:
-        groups = Counter(g for g in rows["dup_group"] if g >= 0)
-        report["duplication"] = {**plan.summary(), "written_duplicated_items": len(groups),
-                                 "written_duplicated_entries": sum(groups.values()),
-                                 "duplicated_items_lost": int(len(plan.duplicated_sources)) - len(groups)}
-    (out / "prep_report.json").write_text(json.dumps(report, indent=1))
-    return report
+    return exact, near
+
+
+def _duplication_written(plan: DuplicationPlan, dup_groups: list[int]) -> dict:
+    """The plan's summary and how much of its duplication made it into the shards (bad input loses copies)."""
+    groups = Counter(g for g in dup_groups if g >= 0)
+    return {**plan.summary(), "written_duplicated_items": len(groups),
+            "written_duplicated_entries": sum(groups.values()),
+            "duplicated_items_lost": int(len(plan.duplicated_sources)) - len(groups)}
 
 
 def format_summary(report: dict) -> str:
