@@ -82,7 +82,7 @@ def test_evaluate_a_run_and_compare(tmp_path):
     # detection CLI on labelled prompt files: scores for every prompt, AUC and TPR@1%FPR from them
     (tmp_path / "mem.txt").write_text("a red circle on the left, blue background\na red square on the top, white background\n")
     (tmp_path / "non.txt").write_text("a photo of a dog\na bowl of fruit\nan old car\n")
-    proc = run_cmd([sys.executable, str(REPO / "launch" / "detect.py"), f"pipeline={run_dir / 'pipeline'}",
+    proc = run_cmd([sys.executable, str(REPO / "launch" / "detect.py"), f"pipeline={run_dir}",
                     f"memorized={tmp_path / 'mem.txt'}", f"nonmemorized={tmp_path / 'non.txt'}",
                     "num_generations=2", "num_inference_steps=5", f"output={tmp_path / 'det'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
