@@ -87,7 +87,10 @@ def test_collate_gives_sdxl_original_size_crop_and_both_token_ids():
 def test_sdxl_filtered_fine_tune_writes_records_and_a_pipeline_that_loads_generates_and_detects(tmp_path):
     run_dir, summary = train_in_process(tmp_path, [
         "model=tiny_sdxl", "filter=batch_quantile", "filter.drop_fraction=0.25", "max_train_steps=2",
-        "proportion_empty_prompts=0.25"])
+        "proportion_empty_prompts=0.25", "validation_prompts=[a red circle]", "validation_inference_steps=2",
+        "checkpointing_steps=2"])
+    assert (run_dir / "samples" / "final" / "000-00.png").exists()          # validation through the seam
+    assert (run_dir / "checkpoint-2" / "unet" / "config.json").exists()
     rec = read_records(run_dir / "records").to_pandas()
     assert len(rec) == 2 * 4 and sorted(rec.step.unique()) == [1, 2]
     assert np.isfinite(rec.magnitude[rec.eligible]).all() and (rec.magnitude[rec.eligible] > 0).all()
