@@ -83,8 +83,9 @@ def write_model_card(run_dir: str | Path, summary: dict, config: dict | None, fa
         "---", f"base_model: {base}", "library_name: diffusers", "license: other",
         "tags: [text-to-image, diffusers, memfilter]", "---", "",
         f"# {run_dir.name}: a memfilter fine-tune of {base}", "",
-        f"Fine-tuned with the memorization filter `filter={summary.get('policy')}` of memfilter: every step, "
-        "samples whose text-conditional noise prediction stood out (Wen et al., ICLR 2024) were kept out of the loss.",
+        f"Fine-tuned with memfilter's memorization filter `filter={summary.get('policy')}`: every step, the samples "
+        "it judged memorized (from the magnitude of the text-conditional noise prediction, Wen et al. ICLR 2024, "
+        "and the policy's evidence) were kept out of the loss.",
         "", "| | |", "| --- | --- |",
         f"| data | {data.get('name', '?')}: `{where}` |",
         f"| steps | {summary.get('steps')} x {config.get('train_batch_size', '?')} per process x "
