@@ -113,7 +113,8 @@ class FixedThreshold(FilterPolicy):
             the resolution and the timestep distribution, so it must be chosen for the setup.
     """
 
-    threshold: float = setting(must="a number > 0, e.g. filter.threshold=2.0", check=lambda v: is_num(v) and v > 0)
+    threshold: float = setting(must="a number > 0 (inf keeps everything), e.g. filter.threshold=2.0",
+                               check=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
     name = "fixed"
 
     def __post_init__(self):

@@ -127,3 +127,11 @@ def test_a_real_model_without_data_stops_naming_data():
     # the world's own base and models built from config train on the world as before
     check_train_config(compose([]), cuda_available=False)
     check_train_config(compose(["model=tiny"]), cuda_available=False)
+
+
+def test_a_fixed_threshold_may_be_infinite_but_not_nan_or_negative():
+    from filtering.policies import FixedThreshold
+    assert FixedThreshold(float("inf")).threshold == float("inf")       # keeps everything (the benchmark's)
+    for bad in (float("nan"), -1.0, 0):
+        with pytest.raises(ValueError, match=r"filter\.threshold="):
+            FixedThreshold(bad)
