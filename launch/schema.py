@@ -5,6 +5,8 @@ conf/*.yaml hold only what differs and a key no dataclass has is an error when H
     settings/optim              train.loop.OptimArgs
     settings/filter/<name>      the filter policy's dataclass (filtering.policies.POLICIES), with its name
     settings/model/tiny         train.families.sd.build_tiny's arguments (the tiny model built from config)
+    settings/data/<name>        the data source's constructor (webdataset, hf, imagefolder) and, for map-style
+                                sources, the duplication plan's (train.data.duplication.make_plan)
 
 Every app calls `register()` before Hydra composes (launch/train.py, the demo, tests' compose).
 """
@@ -43,4 +45,26 @@ def register() -> None:
     from train.families import build_tiny
     cs.store(group="settings/model", name="tiny",
              node={"family": "sd", **signature_defaults(build_tiny, exclude=("prediction_type", "words"))})
+    for name, node in data_nodes().items():
+        cs.store(group="settings/data", name=name, node=node)
     _done = True
+
+
+def data_nodes() -> dict[str, dict]:
+    """Each data source's keys and defaults, from its constructor: what the loop passes itself is left out."""
+    from train.data.duplication import make_plan
+    from train.data.hf import HFSource
+    from train.data.imagefolder import ImageFolderSource
+    from train.data.wds import WebDatasetSource
+
+    duplication = {"protocol": None, **signature_defaults(make_plan, exclude=("num_items", "num_captions")),
+                   "caption_file": None}
+    runtime = ("urls", "collate", "rank", "world_size", "batch_size", "seed", "config_prefix", "dataset", "path")
+    return {
+        "webdataset": {"name": "webdataset", "shards": "???", **signature_defaults(WebDatasetSource.__init__, runtime)},
+        "hf": {"name": "hf", "path": "???", **signature_defaults(HFSource.__init__, runtime), "seed": "${seed}",
+               "duplication": duplication},
+        "imagefolder": {"name": "imagefolder", "path": "???",
+                        **signature_defaults(ImageFolderSource.__init__, runtime), "seed": "${seed}",
+                        "duplication": duplication},
+    }

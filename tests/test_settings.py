@@ -135,3 +135,29 @@ def test_a_fixed_threshold_may_be_infinite_but_not_nan_or_negative():
     for bad in (float("nan"), -1.0, 0):
         with pytest.raises(ValueError, match=r"filter\.threshold="):
             FixedThreshold(bad)
+
+
+def test_every_data_key_reaches_its_source(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from launch.builders import build_dataset
+    from tests.test_wds import write_shards
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (20, 20), (90 * i, 0, 0)).save(folder / f"i{i}.png")
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"i{i}.png", "caption": f"c {i}"})
+                                                     for i in range(2)))
+    cfg = compose(["data=imagefolder", f"data.path={folder}", "data.min_size=3", "data.max_pixels=100000",
+                   "data.caption_column=caption", "seed=5"])
+    src = build_dataset(cfg.data, 16, seed=5)
+    assert (src.min_size, src.max_pixels, src.seed) == (3, 100000, 5) and src[0]["caption"] == "c 0"
+    pattern = write_shards(tmp_path / "shards", n_shards=2, per_shard=4)
+    cfg = compose(["data=webdataset", f"data.shards='{pattern}'", "data.shuffle_buffer=7", "data.min_size=2",
+                   "data.max_pixels=12345", "data.samples_per_epoch=8"])
+    src = build_dataset(cfg.data, 16)
+    assert (src.shuffle_buffer, src.min_size, src.max_pixels, src.samples_per_epoch) == (7, 2, 12345, 8)
+    with pytest.raises(Exception, match="shufle_buffer"):
+        compose(["data=webdataset", "data.shufle_buffer=3"])

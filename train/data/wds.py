@@ -30,7 +30,7 @@ import braceexpand
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data.transforms import IMAGE_EXTS, BadSample, load_image, pick_caption
+from train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
 
 CAPTION_KEYS = ("txt", "caption", "json")
 
@@ -94,7 +94,7 @@ class WebDatasetSource(IterableDataset):
     def __init__(self, urls, batch_size: int | None = None, collate=None, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0,
                  shuffle_buffer: int = 1000, resampled: bool = False, samples_per_epoch: int | None = None,
-                 counts_file: str | None = None, min_size: int = 0, max_pixels: int | None = None):
+                 counts_file: str | None = None, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError("data.shards matches no shard: give paths, a brace pattern like "
