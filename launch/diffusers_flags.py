@@ -1,5 +1,5 @@
 """diffusers' command-line flags for the training app: `--flag=value` and `--flag value` as diffusers'
-train_text_to_image.py (and train_text_to_image_sdxl.py) take them, turned into Hydra overrides before Hydra parses
+train_text_to_image.py and train_text_to_image_sdxl.py take them, turned into Hydra overrides before Hydra parses
 the command line. Hydra overrides work beside them; a flag memfilter cannot honour stops with the reason.
 
     python launch/train.py --pretrained_model_name_or_path=<dir or hub id> --train_data_dir=<folder> \\
@@ -11,6 +11,7 @@ from __future__ import annotations
 # "choice" (the value picks a config group option: key is a dict value -> overrides), "no" (not honoured: why).
 FLAGS: dict[str, tuple[str, object]] = {
     "pretrained_model_name_or_path": ("value", "model.pretrained"),
+    "pretrained_vae_model_name_or_path": ("value", "model.vae"),
     "revision": ("value", "model.revision"),
     "variant": ("value", "model.variant"),
     "prediction_type": ("value", "model.prediction_type"),
@@ -58,7 +59,7 @@ FLAGS: dict[str, tuple[str, object]] = {
     "allow_tf32": ("ignore", "torch's default matmul precision is kept; set NVIDIA_TF32_OVERRIDE=1 for TF32"),
     "enable_xformers_memory_efficient_attention": ("ignore", "diffusers uses torch's scaled-dot-product attention"),
     "logging_dir": ("ignore", "trackers write inside output_dir"),
-    "max_train_samples": ("no", "not supported yet: subsample the data when preparing it (launch/prepare.py)"),
+    "max_train_samples": ("value", "max_train_samples"),
     "validation_epochs": ("no", "validation is by steps here: use validation_steps=<n>"),
     "dataset_config_name": ("no", "not supported yet: save the configuration with save_to_disk and give its folder"),
     "non_ema_revision": ("no", "not supported yet: the EMA and the trained UNet start from the same revision"),
@@ -67,6 +68,12 @@ FLAGS: dict[str, tuple[str, object]] = {
     "foreach_ema": ("no", "not supported yet"),
     "input_perturbation": ("no", "not supported yet"),
     "dream_training": ("no", "not supported yet"),
+    "timestep_bias_strategy": ("no", "not supported yet: timesteps are drawn uniformly"),
+    "timestep_bias_multiplier": ("no", "not supported yet: timesteps are drawn uniformly"),
+    "timestep_bias_begin": ("no", "not supported yet: timesteps are drawn uniformly"),
+    "timestep_bias_end": ("no", "not supported yet: timesteps are drawn uniformly"),
+    "timestep_bias_portion": ("no", "not supported yet: timesteps are drawn uniformly"),
+    "enable_npu_flash_attention": ("ignore", "no NPU support"),
     "push_to_hub": ("no", "no hub access from the training app: upload output_dir with huggingface-cli afterwards"),
     "hub_token": ("no", "no hub access from the training app"),
     "hub_model_id": ("no", "no hub access from the training app"),

@@ -81,6 +81,8 @@ class TrainArgs:
                                     "passes over the data when max_train_steps is null")
     max_train_steps: int | None = setting(None, "null or an integer >= 1", _opt(int_at_least(1)),
                                           "optimizer steps; overrides num_train_epochs")
+    max_train_samples: int | None = setting(None, "null or an integer >= 1", _opt(int_at_least(1)),
+                                            "train on this many samples of a map-style source, drawn with the seed")
     gradient_accumulation_steps: int = setting(1, "an integer >= 1", int_at_least(1), "micro-batches per step")
     gradient_checkpointing: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
                                            "recompute UNet activations in backward")
@@ -319,7 +321,8 @@ class _Run:
         collate = CollateForTraining(self.tokenize, ImageTransform(args.resolution, args.interpolation,
                                                                    args.center_crop, args.random_flip, args.seed))
         self.feed = make_feed(self.accelerator, dataset, collate, batch_size=args.train_batch_size,
-                              num_workers=args.dataloader_num_workers)
+                              num_workers=args.dataloader_num_workers, max_samples=args.max_train_samples,
+                              seed=args.seed)
         self.batches_per_epoch = self.feed.batches_per_epoch(0)
         if self.batches_per_epoch == 0:
             raise ValueError(f"data: {len(dataset)} samples give no full batch of train_batch_size="

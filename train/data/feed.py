@@ -13,7 +13,8 @@ Two feeds cover every source:
 """
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 
 class MapFeed:
@@ -38,13 +39,38 @@ class MapFeed:
         return self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
 
 
-def make_feed(accelerator, dataset, collate, *, batch_size: int, num_workers: int):
-    """The source's own feed (`dataset.feed(...)`, streaming sources) or a MapFeed."""
+def make_feed(accelerator, dataset, collate, *, batch_size: int, num_workers: int, max_samples: int | None = None,
+              seed: int = 0):
+    """The source's own feed (`dataset.feed(...)`, streaming sources) or a MapFeed; `max_samples` keeps that many
+    samples of a map-style source, drawn with `seed` (diffusers' --max_train_samples)."""
     own = getattr(dataset, "feed", None)
     if own is not None:
+        if max_samples:
+            raise ValueError("max_train_samples works on map-style data (world, imagefolder, hf); a stream is sized "
+                             "by its shards: set data.samples_per_epoch instead")
         return own(collate, rank=accelerator.process_index, world_size=accelerator.num_processes,
                    batch_size=batch_size, num_workers=num_workers)
+    if max_samples and max_samples < len(dataset):
+        dataset = SampleSubset(dataset, max_samples, seed)
     return MapFeed(accelerator, dataset, collate, batch_size=batch_size, num_workers=num_workers)
+
+
+class SampleSubset(Dataset):
+    """`n` samples of a map-style source, drawn with `seed` (the same ones on every rank and on resume)."""
+
+    def __init__(self, dataset, n: int, seed: int):
+        self.dataset = dataset
+        self.indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[self.indices[i]]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def data_stream(feed, state):

@@ -40,7 +40,7 @@ def read_model_index(pretrained: str, revision: str | None = None) -> dict:
 
 
 def load_pretrained(pretrained: str, revision: str | None = None, variant: str | None = None,
-                    prediction_type: str | None = None) -> Components:
+                    prediction_type: str | None = None, vae: str | None = None) -> Components:
     """Components of a diffusers directory or hub id, of the family its model_index.json names.
 
     Args:
@@ -49,10 +49,16 @@ def load_pretrained(pretrained: str, revision: str | None = None, variant: str |
         variant: weights variant, e.g. "fp16". Default None.
         prediction_type: override the scheduler's prediction_type ("epsilon" or "v_prediction").
             Default None: keep what the model was trained with.
+        vae: a separate AutoencoderKL (directory or hub id, its weights at the top level) instead of the model's.
+            Default None.
     """
     index = read_model_index(pretrained, revision)
     cls = family_class(index.get("_class_name", ""), f"model.pretrained={pretrained!r}")
-    return cls.load(pretrained, index, revision=revision, variant=variant, prediction_type=prediction_type)
+    components = cls.load(pretrained, index, revision=revision, variant=variant, prediction_type=prediction_type)
+    if vae:
+        from diffusers import AutoencoderKL
+        components.vae = AutoencoderKL.from_pretrained(vae, revision=revision)
+    return components
 
 
 def build_tiny_model(family: str = "sd", **kw) -> Components:
