@@ -66,10 +66,10 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from train.data.collate import CollateForTraining  # noqa: E402
-from train.data.transforms import ImageTransform  # noqa: E402
-from train.data.wds import WebDatasetSource  # noqa: E402
-from train.tokenizer import DEFAULT_WORDS, build_tiny_tokenizer  # noqa: E402
+from memfilter.train.data.collate import CollateForTraining  # noqa: E402
+from memfilter.train.data.transforms import ImageTransform  # noqa: E402
+from memfilter.train.data.wds import WebDatasetSource  # noqa: E402
+from memfilter.train.tokenizer import DEFAULT_WORDS, build_tiny_tokenizer  # noqa: E402
 
 KiB = 1024
 

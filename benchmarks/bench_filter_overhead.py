@@ -53,8 +53,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from filtering.policies import FilterPolicy, FixedThreshold, ItemEvidence, NoFilter, item_groups  # noqa: E402
-from train.step import filtered_diffusion_step  # noqa: E402
+from memfilter.filtering.policies import FilterPolicy, FixedThreshold, ItemEvidence, NoFilter, item_groups  # noqa: E402
+from memfilter.train.step import filtered_diffusion_step  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_rss import PeakRss  # noqa: E402
 
@@ -83,7 +83,7 @@ class Bench:
 def build_bench(args: argparse.Namespace) -> Bench:
     """The UNet (the family's tiny one, or SD v1's / SDXL's shape), AdamW, and a random batch conditioned as the
     family conditions it (SDXL: pooled embeddings and time ids as added conditions)."""
-    from train.families import FAMILIES, build_tiny_model
+    from memfilter.train.families import FAMILIES, build_tiny_model
 
     device = torch.device(args.device)
     if args.sd_size:   # the real UNet shape; no VAE or text encoder: the batch is random anyway
@@ -125,7 +125,7 @@ def sd_size_unet(family: str):
     """(UNet, noise scheduler, latent size, text width, pooled width) of SD v1 (860M) or SDXL (2.6B)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from train.models import SD_SCHEDULER
+    from memfilter.train.models import SD_SCHEDULER
 
     if family == "sdxl":
         unet = UNet2DConditionModel(

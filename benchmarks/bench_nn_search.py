@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from evaluation.replication import nearest_neighbours  # noqa: E402
+from memfilter.evaluation.replication import nearest_neighbours  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_rss import PeakRss  # noqa: E402
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from filtering.detection import detection_scores, trajectory_magnitudes
-from train.families import from_pipeline
+from memfilter.filtering.detection import detection_scores, trajectory_magnitudes
+from memfilter.train.families import from_pipeline
 
 
 @torch.no_grad()

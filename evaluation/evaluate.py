@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from evaluation.generate import generate
-from evaluation.prompts import load_prompt_file, training_prompts
-from evaluation.quality import quality_metrics
-from evaluation.replication import (background_similarity, embed, match_grid, nearest_neighbours,
+from memfilter.evaluation.generate import generate
+from memfilter.evaluation.prompts import load_prompt_file, training_prompts
+from memfilter.evaluation.quality import quality_metrics
+from memfilter.evaluation.replication import (background_similarity, embed, match_grid, nearest_neighbours,
                                     replication_stats, similarity_histogram)
-from evaluation.report import write_markdown
-from evaluation.training_set import fetch_images, unique_training_samples
+from memfilter.evaluation.report import write_markdown
+from memfilter.evaluation.training_set import fetch_images, unique_training_samples
 
 
 @dataclass

@@ -25,7 +25,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     names (train.families: SD 1.x/2.x or SDXL), without safety checker."""
     from diffusers import DiffusionPipeline
 
-    from train.families import family_class, read_model_index
+    from memfilter.train.families import family_class, read_model_index
 
     family = family_class(read_model_index(str(path)).get("_class_name", ""), f"pipeline {path}")
     kw = {"torch_dtype": dtype} if dtype is not None else {}

@@ -11,8 +11,8 @@ import hashlib
 
 import torch
 
-from filtering.conditioning import as_conditioning, cat, expand, leaves, num_rows, select
-from filtering.signal import magnitude_from_predictions
+from memfilter.filtering.conditioning import as_conditioning, cat, expand, leaves, num_rows, select
+from memfilter.filtering.signal import magnitude_from_predictions
 
 
 def _seed(seed: int, prompt_index: int, generation: int) -> int:

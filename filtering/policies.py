@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from filtering.settings import check_settings, int_at_least, is_num, num_in, setting
+from memfilter.filtering.settings import check_settings, int_at_least, is_num, num_in, setting
 
 MAD_TO_STD = 1.4826  # MAD * 1.4826 estimates the std of a normal distribution
 

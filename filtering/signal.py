@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from filtering.conditioning import as_conditioning, expand
+from memfilter.filtering.conditioning import as_conditioning, expand
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import check_value, is_int, run_or_exit  # noqa: E402
+from memfilter.launch.config_check import check_value, is_int, run_or_exit  # noqa: E402
 
 _RULES = [(k, lambda v: is_int(v) and v >= 1, "an integer >= 1")
           for k in ("vae_steps", "unet_steps", "batch_size", "eval_every")]
@@ -29,7 +29,7 @@ _RULES = [(k, lambda v: is_int(v) and v >= 1, "an integer >= 1")
 def run(cfg: DictConfig) -> Path:
     import torch
 
-    from toyworld.base import ASSET_DIR, BaseArgs, build_world_base
+    from memfilter.toyworld.base import ASSET_DIR, BaseArgs, build_world_base
 
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)

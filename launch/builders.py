@@ -6,16 +6,16 @@ import re
 
 from omegaconf import DictConfig, OmegaConf
 
-from filtering.policies import build_policy
-from filtering.protect import Protect
-from launch.config_check import ConfigError
-from train.data.duplication import DuplicatedDataset, make_plan
-from train.data.hf import HFSource
-from train.data.imagefolder import ImageFolderSource
-from train.data.wds import WebDatasetSource
-from train.families import build_tiny_model, get_family, load_pretrained
-from train.models import Components
-from toyworld.world import ToyWorld, ToyWorldDataset, WorldSpec
+from memfilter.filtering.policies import build_policy
+from memfilter.filtering.protect import Protect
+from memfilter.launch.config_check import ConfigError
+from memfilter.train.data.duplication import DuplicatedDataset, make_plan
+from memfilter.train.data.hf import HFSource
+from memfilter.train.data.imagefolder import ImageFolderSource
+from memfilter.train.data.wds import WebDatasetSource
+from memfilter.train.families import build_tiny_model, get_family, load_pretrained
+from memfilter.train.models import Components
+from memfilter.toyworld.world import ToyWorld, ToyWorldDataset, WorldSpec
 
 
 BUILTIN = "builtin:"
@@ -25,7 +25,7 @@ def resolve_pretrained(pretrained: str) -> str:
     """`builtin:<name>` is a model shipped in the repo (toyworld/assets/<name>); anything else is returned as is."""
     if not str(pretrained).startswith(BUILTIN):
         return pretrained
-    from toyworld.base import ASSET_DIR
+    from memfilter.toyworld.base import ASSET_DIR
 
     name = str(pretrained)[len(BUILTIN):]
     path = ASSET_DIR.parent / name

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from filtering.settings import is_int, is_num  # noqa: F401  (the apps' own rules use them)
-from train.families import FAMILIES
+from memfilter.filtering.settings import is_int, is_num  # noqa: F401  (the apps' own rules use them)
+from memfilter.train.families import FAMILIES
 
 
 class ConfigError(ValueError):
@@ -51,8 +51,8 @@ def train_args(cfg: DictConfig):
     has nor a config group owns is an error (it would otherwise configure nothing)."""
     from omegaconf import OmegaConf
 
-    from launch.schema import APP_KEYS, GROUPS
-    from train.loop import OptimArgs, TrainArgs
+    from memfilter.launch.schema import APP_KEYS, GROUPS
+    from memfilter.train.loop import OptimArgs, TrainArgs
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     names = {f.name for f in dataclasses.fields(TrainArgs)}
@@ -110,7 +110,7 @@ def _check_world_data(cfg: DictConfig) -> None:
 def _check_filter_builds(cfg: DictConfig) -> None:
     """The policy's own checks across its fields (e.g. filter.release <= filter.margin, update_with=kept only
     with a robust statistic) and its fields' names, at start: the policy is built once, as the loop will."""
-    from launch.builders import build_filter
+    from memfilter.launch.builders import build_filter
     try:
         build_filter(cfg.filter, num_train_timesteps=1000)
     except TypeError as e:                         # a key the policy has no field for
@@ -130,7 +130,7 @@ def check_value(cfg, key, ok, must):
 
 def _register_settings() -> None:
     """Every app imports this module before Hydra composes: the settings' defaults must be in the ConfigStore."""
-    from launch.schema import register
+    from memfilter.launch.schema import register
     register()
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, check_train_config, check_value, is_int, run_or_exit  # noqa: E402
+from memfilter.launch.config_check import ConfigError, check_train_config, check_value, is_int, run_or_exit  # noqa: E402
 
 log = logging.getLogger("memfilter.demo")
 
@@ -72,7 +72,7 @@ def _train_config(overrides: list[str]) -> DictConfig:
 def run(cfg: DictConfig) -> dict:
     """The demo once (`seed`, `world.seed`), or once per seed of `seeds` (each in <output_dir>/seed-<S>, with
     seed = world.seed = S) and a report of mean and spread across them. Returns the results."""
-    from toyworld.report import write_seeds_report
+    from memfilter.toyworld.report import write_seeds_report
 
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)
@@ -119,9 +119,9 @@ def _run_seed(cfg: DictConfig, seed: int, world_seed: int, out: Path) -> dict:
     """World, fine-tunes, evaluation and report of one seed in `out`."""
     from rich.console import Console
 
-    from launch.builders import build_world
-    from toyworld.report import write_report
-    from toyworld.world import prepare_world, shard_urls, world_to_dict
+    from memfilter.launch.builders import build_world
+    from memfilter.toyworld.report import write_report
+    from memfilter.toyworld.world import prepare_world, shard_urls, world_to_dict
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def _cuda() -> bool:
 
 def _fine_tune(cfg, console, out: Path, name: str, k: int, configs: dict, runs_cfg: dict, timings: dict) -> dict:
     """One launch/train.py run (or the finished one, with reuse_runs)."""
-    from launch import train as train_app
+    from memfilter.launch import train as train_app
 
     overrides, tcfg = configs[name]
     done = out / name / "train_summary.json"
@@ -186,9 +186,9 @@ def _fine_tune(cfg, console, out: Path, name: str, k: int, configs: dict, runs_c
 
 def _evaluate(cfg, console, out: Path, world, seed: int, configs: dict, timings: dict) -> tuple[dict, dict]:
     """The base (evaluate_base) and every run, evaluated in the world."""
-    from evaluation.generate import load_pipeline
-    from toyworld.evaluate import WorldEvalSettings, evaluate_world, replication_bar, training_descriptors
-    from launch.builders import resolve_pretrained
+    from memfilter.evaluation.generate import load_pipeline
+    from memfilter.toyworld.evaluate import WorldEvalSettings, evaluate_world, replication_bar, training_descriptors
+    from memfilter.launch.builders import resolve_pretrained
 
     console.rule("[bold]3/4 evaluation[/]")
     settings = WorldEvalSettings(**OmegaConf.to_container(cfg.evaluation, resolve=True), seed=seed)
@@ -215,7 +215,7 @@ def _evaluate(cfg, console, out: Path, world, seed: int, configs: dict, timings:
 def _print_seed(console, results: dict, runs: dict, names: list, path: Path, timings: dict) -> None:
     from rich.table import Table
 
-    from toyworld.report import targets
+    from memfilter.toyworld.report import targets
 
     table = Table(title=f"memfilter toy-world demo: {path}")
     for col in ("run", "AUC step 1", "dup. replicated", "dup. fidelity", "unique fidelity", "dup. kept", "unique kept"):

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launch.config_check import ConfigError, run_or_exit  # noqa: E402
+from memfilter.launch.config_check import ConfigError, run_or_exit  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
@@ -21,11 +21,11 @@ def run(cfg: DictConfig) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from evaluation.detect import score_prompts
-    from evaluation.detection import detection_metrics
-    from evaluation.generate import load_pipeline
-    from evaluation.prompts import load_prompt_file
-    from launch.builders import resolve_pretrained
+    from memfilter.evaluation.detect import score_prompts
+    from memfilter.evaluation.detection import detection_metrics
+    from memfilter.evaluation.generate import load_pipeline
+    from memfilter.evaluation.prompts import load_prompt_file
+    from memfilter.launch.builders import resolve_pretrained
 
     sets = [(cfg.memorized, 1), (cfg.nonmemorized, 0), (cfg.prompts, -1)]
     rows = []

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, run_or_exit  # noqa: E402
+from memfilter.launch.config_check import ConfigError, run_or_exit  # noqa: E402
 
 
 def _device(name: str) -> str:
@@ -30,7 +30,7 @@ def _device(name: str) -> str:
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate cfg.run_dir (or compare cfg.compare); returns the report."""
-    from evaluation.report import compare
+    from memfilter.evaluation.report import compare
 
     if cfg.compare:
         reports = {}
@@ -51,10 +51,10 @@ def run(cfg: DictConfig) -> dict:
 
 
 def evaluate_run(cfg: DictConfig) -> dict:
-    from evaluation.descriptors import load_descriptor
-    from evaluation.evaluate import EvalSettings, evaluate
-    from evaluation.generate import load_pipeline
-    from launch.builders import build_dataset
+    from memfilter.evaluation.descriptors import load_descriptor
+    from memfilter.evaluation.evaluate import EvalSettings, evaluate
+    from memfilter.evaluation.generate import load_pipeline
+    from memfilter.launch.builders import build_dataset
 
     run_dir = Path(cfg.run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -81,8 +81,8 @@ def evaluate_run(cfg: DictConfig) -> dict:
         settings.resolution = int(train_cfg.resolution)
     reference = None
     if e.quality_reference != "training":
-        from evaluation.training_set import iter_samples
-        from train.data.imagefolder import ImageFolderSource
+        from memfilter.evaluation.training_set import iter_samples
+        from memfilter.train.data.imagefolder import ImageFolderSource
         ref = ImageFolderSource(e.quality_reference)
         reference = [s["image"] for s in iter_samples(ref) if "skip" not in s][:e.max_reference]
     out = Path(cfg.output_dir or run_dir / "eval")

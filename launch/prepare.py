@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, check_value, is_int  # noqa: E402
+from memfilter.launch.config_check import ConfigError, check_value, is_int  # noqa: E402
 
 KINDS = ("imagefolder", "table", "hf", "world")
 _RULES = [
@@ -45,8 +45,8 @@ _WORLD_RULES = [
 
 def build_input(inp: DictConfig):
     """The source named by the `input` block (config_prefix "input", so errors name input.<field>)."""
-    from train.data.hf import HFSource
-    from train.data.imagefolder import ImageFolderSource
+    from memfilter.train.data.hf import HFSource
+    from memfilter.train.data.imagefolder import ImageFolderSource
 
     common = dict(min_size=inp.min_size, max_pixels=inp.max_pixels, config_prefix="input")
     if inp.kind == "imagefolder":
@@ -58,8 +58,8 @@ def build_input(inp: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     """Check `cfg`, build the input and the duplication plan, write the shards. Returns the prep report."""
-    from train.data.duplication import make_plan
-    from train.data.prepare import format_summary, prepare
+    from memfilter.train.data.duplication import make_plan
+    from memfilter.train.data.prepare import format_summary, prepare
 
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)
@@ -90,9 +90,9 @@ def run(cfg: DictConfig) -> dict:
 def _run_world(cfg: DictConfig) -> dict:
     """The toy world (toyworld/world.py, settings world.* from conf/world/default.yaml): its own duplication,
     written through the same prep code."""
-    from launch.builders import build_world
-    from toyworld.world import prepare_world
-    from train.data.prepare import format_summary
+    from memfilter.launch.builders import build_world
+    from memfilter.toyworld.world import prepare_world
+    from memfilter.train.data.prepare import format_summary
 
     for key, ok, must in _WORLD_RULES:
         check_value(cfg, key, ok, must)
@@ -108,7 +108,7 @@ def _run_world(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    from train.data.imagefolder import DataConfigError
+    from memfilter.train.data.imagefolder import DataConfigError
 
     try:
         run(cfg)

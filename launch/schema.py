@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from filtering.policies import POLICIES
-from filtering.settings import defaults, signature_defaults
+from memfilter.filtering.policies import POLICIES
+from memfilter.filtering.settings import defaults, signature_defaults
 
 # keys a policy takes from the loop, not from the config
 FROM_LOOP = ("num_train_timesteps",)
@@ -26,7 +26,7 @@ _done = False
 
 
 def train_node() -> dict:
-    from train.loop import TrainArgs
+    from memfilter.train.loop import TrainArgs
 
     return {**defaults(TrainArgs, exclude=("lora_rank",)), **APP_KEYS}
 
@@ -35,14 +35,14 @@ def register() -> None:
     global _done
     if _done:
         return
-    from train.loop import OptimArgs
+    from memfilter.train.loop import OptimArgs
 
     cs = ConfigStore.instance()
     cs.store(group="settings", name="train", node=train_node())
     cs.store(group="settings", name="optim", node=defaults(OptimArgs))
     for name, cls in POLICIES.items():
         cs.store(group="settings/filter", name=name, node={"name": name, **defaults(cls, exclude=FROM_LOOP)})
-    from train.families import build_tiny
+    from memfilter.train.families import build_tiny
     cs.store(group="settings/model", name="tiny",
              node={"family": "sd", **signature_defaults(build_tiny, exclude=("prediction_type", "words"))})
     for name, node in data_nodes().items():
@@ -52,10 +52,10 @@ def register() -> None:
 
 def data_nodes() -> dict[str, dict]:
     """Each data source's keys and defaults, from its constructor: what the loop passes itself is left out."""
-    from train.data.duplication import make_plan
-    from train.data.hf import HFSource
-    from train.data.imagefolder import ImageFolderSource
-    from train.data.wds import WebDatasetSource
+    from memfilter.train.data.duplication import make_plan
+    from memfilter.train.data.hf import HFSource
+    from memfilter.train.data.imagefolder import ImageFolderSource
+    from memfilter.train.data.wds import WebDatasetSource
 
     duplication = {"protocol": None, **signature_defaults(make_plan, exclude=("num_items", "num_captions")),
                    "caption_file": None}

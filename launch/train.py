@@ -17,7 +17,7 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from launch.config_check import ConfigError, check_train_config, run_or_exit, train_args  # noqa: E402
+from memfilter.launch.config_check import ConfigError, check_train_config, run_or_exit, train_args  # noqa: E402
 
 log = logging.getLogger("memfilter")
 
@@ -27,9 +27,9 @@ def run(cfg: DictConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
 
-    from launch.builders import build_components, build_dataset, build_filter, build_protect, native_resolution
-    from train.loop import train
-    from train.tracking import NullTracker
+    from memfilter.launch.builders import build_components, build_dataset, build_filter, build_protect, native_resolution
+    from memfilter.train.loop import train
+    from memfilter.train.tracking import NullTracker
 
     check_train_config(cfg, torch.cuda.is_available())
     accelerator = Accelerator(
@@ -78,7 +78,7 @@ def run(cfg: DictConfig) -> dict:
 
 def build_tracker(logger: DictConfig, run_dir: Path, config: dict):
     """logger=wandb | tensorboard | all | none (diffusers' --report_to)."""
-    from train.tracking import NullTracker, TensorBoardTracker, Trackers, WandbTracker
+    from memfilter.train.tracking import NullTracker, TensorBoardTracker, Trackers, WandbTracker
 
     trackers = []
     if logger.name in ("wandb", "all"):
@@ -128,7 +128,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli() -> None:
     """The command line: diffusers' flags (launch/diffusers_flags.py) beside Hydra overrides."""
-    from launch.diffusers_flags import FlagError, translate
+    from memfilter.launch.diffusers_flags import FlagError, translate
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -20,7 +20,7 @@ def compose(overrides: list[str], config_name: str = "train"):
     config_name: "demo", "prepare", ...)."""
     from hydra import compose as hydra_compose
 
-    import launch.config_check  # noqa: F401  (registers the settings' defaults with Hydra's ConfigStore)
+    import memfilter.launch.config_check  # noqa: F401  (registers the settings' defaults with Hydra's ConfigStore)
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -43,7 +43,7 @@ def _args(run_dir, overrides):
 
 
 def train_in_process(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict]:
-    from launch.train import run
+    from memfilter.launch.train import run
 
     run_dir = tmp_path / "run"
     summary = run(compose(_args(run_dir, overrides)))

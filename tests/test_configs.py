@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from filtering.records import read_records
-from launch.config_check import ConfigError, check_train_config
+from memfilter.filtering.records import read_records
+from memfilter.launch.config_check import ConfigError, check_train_config
 from tests.conftest import REPO, compose, launch_cmd, run_cmd, train_in_process
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
@@ -34,8 +34,8 @@ def test_the_world_is_defined_once():
 
     from omegaconf import OmegaConf
 
-    from launch.builders import WORLD_KEYS, build_world
-    from toyworld.world import ToyWorld, world_to_dict
+    from memfilter.launch.builders import WORLD_KEYS, build_world
+    from memfilter.toyworld.world import ToyWorld, world_to_dict
 
     group = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "world" / "default.yaml"))
     defaults = {f.name: f.default for f in dataclasses.fields(ToyWorld) if f.name != "spec"}

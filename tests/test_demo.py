@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cmd
-from toyworld.base import ASSET_DIR
-from toyworld.evaluate import replication_bar, training_descriptors
-from toyworld.world import ToyWorld, detail_descriptor, draw_item
+from memfilter.toyworld.base import ASSET_DIR
+from memfilter.toyworld.evaluate import replication_bar, training_descriptors
+from memfilter.toyworld.world import ToyWorld, detail_descriptor, draw_item
 
 
 def test_replication_bar_separates_copies_from_chance():
@@ -30,8 +30,8 @@ def test_shipped_base_loads_and_follows_captions():
     """The base the demo fine-tunes: a StableDiffusionPipeline from safetensors that draws what captions name."""
     from diffusers import StableDiffusionPipeline
 
-    from toyworld.base import base_fidelity
-    from train.models import Components
+    from memfilter.toyworld.base import base_fidelity
+    from memfilter.train.models import Components
 
     assert (ASSET_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     info = json.loads((ASSET_DIR / "world_base.json").read_text())
@@ -83,8 +83,8 @@ def test_demo_over_seeds_reports_spread_dedup_baselines_and_protected_concepts(t
     """seeds=[..]: one world per seed, the dedup baseline beside the runs, named concepts protected by caption."""
     import pyarrow.parquet as pq
 
-    from filtering.records import read_records
-    from toyworld.world import ToyWorld
+    from memfilter.filtering.records import read_records
+    from memfilter.toyworld.world import ToyWorld
 
     out = tmp_path / "demo"
     cmd = ["python", str(REPO / "launch" / "demo.py"), f"output_dir={out}", "seeds=[3,4]", "~runs.timestep",
@@ -123,7 +123,7 @@ def test_build_world_base_writes_a_loadable_pipeline(tmp_path, one_thread):
     """The base builder end to end at a few steps: both stages, reuse of a trained VAE, save_pretrained."""
     from diffusers import StableDiffusionPipeline
 
-    from toyworld.base import BaseArgs, build_world_base
+    from memfilter.toyworld.base import BaseArgs, build_world_base
 
     args = BaseArgs(vae_steps=2, unet_steps=2, eval_every=1, batch_size=4, block_out_channels=(32, 32),
                     cross_attention_dim=32, vae_channels=(32, 32))

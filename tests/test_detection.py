@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.detection import auc, detection_metrics, load_scores, roc_curve, tpr_at_fpr
+from memfilter.evaluation.detection import auc, detection_metrics, load_scores, roc_curve, tpr_at_fpr
 
 
 def _mann_whitney(scores, labels) -> float:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.diffusers_flags import FLAGS, FlagError, flag_table, translate
+from memfilter.launch.diffusers_flags import FLAGS, FlagError, flag_table, translate
 from tests.conftest import REPO, run_cmd
 
 
@@ -26,7 +26,7 @@ def _folder(root, n=8):
 def test_train_text_to_image_flags_run_and_the_output_loads_with_diffusers(tmp_path):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    from train.families import build_pipeline, build_tiny
+    from memfilter.train.families import build_pipeline, build_tiny
     base = build_tiny(resolution=16, block_out_channels=(32, 32), vae_channels=(32, 32))
     build_pipeline(base).save_pretrained(tmp_path / "base")
     base.vae.register_to_config(scaling_factor=0.5)          # a separate VAE, told apart by its scaling factor
@@ -46,7 +46,7 @@ def test_train_text_to_image_flags_run_and_the_output_loads_with_diffusers(tmp_p
     unet = UNet2DConditionModel.from_pretrained(out / "checkpoint-1", subfolder="unet")
     assert unet.config.sample_size == 8
     assert pipe.vae.config.scaling_factor == 0.5                             # --pretrained_vae_model_name_or_path
-    from filtering.records import read_records
+    from memfilter.filtering.records import read_records
     keys = set(read_records(out / "records").to_pandas().key)               # --max_train_samples=6 of 8 images
     assert len(keys) <= 6 and keys <= {f"img{i}" for i in range(8)}
     assert (out / "samples" / "final" / "prompts.txt").read_text().splitlines() == \

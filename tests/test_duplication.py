@@ -9,8 +9,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tests.test_sources import smooth
-from train.data.duplication import DuplicatedDataset, copy_key, make_plan, somepalli_plan, wen_plan
-from train.data.imagefolder import ImageFolderSource
+from memfilter.train.data.duplication import DuplicatedDataset, copy_key, make_plan, somepalli_plan, wen_plan
+from memfilter.train.data.imagefolder import ImageFolderSource
 
 
 class Toy(Dataset):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from evaluation.prompts import load_prompt_file, training_prompts
+from memfilter.evaluation.prompts import load_prompt_file, training_prompts
 from tests.conftest import REPO, run_cmd, train_in_process
 
 SHARED_PROMPTS = REPO.parent / "shared" / "data" / "prompts"
@@ -89,7 +89,7 @@ def test_evaluate_a_run_and_compare(tmp_path):
     scores = pd.read_parquet(tmp_path / "det" / "scores.parquet")
     assert len(scores) == 5 and (scores.score > 0).all() and scores.label.tolist() == [1, 1, 0, 0, 0]
     metrics = json.loads((tmp_path / "det" / "metrics.json").read_text())["metrics"]
-    from evaluation.detection import auc
+    from memfilter.evaluation.detection import auc
     assert metrics["auc"] == pytest.approx(auc(scores.score.values, scores.label.values))
 
     proc = run_cmd([sys.executable, str(REPO / "launch" / "evaluate.py"), f"compare=[{run_dir},{run_dir}]",

@@ -10,13 +10,13 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
-from filtering.records import read_records
-from filtering.signal import text_noise_magnitude
-from launch.config_check import ConfigError
+from memfilter.filtering.records import read_records
+from memfilter.filtering.signal import text_noise_magnitude
+from memfilter.launch.config_check import ConfigError
 from tests.conftest import train_in_process
-from train.data.collate import CollateForTraining
-from train.data.transforms import ImageTransform
-from train.families import build_tiny, build_tiny_sdxl, get_family, load_pretrained
+from memfilter.train.data.collate import CollateForTraining
+from memfilter.train.data.transforms import ImageTransform
+from memfilter.train.families import build_tiny, build_tiny_sdxl, get_family, load_pretrained
 
 SMALL = dict(resolution=16, block_out_channels=(32, 32), vae_channels=(32, 32))
 
@@ -41,7 +41,7 @@ def test_the_family_is_read_from_model_index_and_an_unknown_one_is_named(tmp_pat
     with pytest.raises(ValueError, match="'FluxPipeline' is not a model family"):
         load_pretrained(str(tmp_path / "sdxl"))
     from tests.conftest import compose
-    from launch.builders import build_components
+    from memfilter.launch.builders import build_components
     with pytest.raises(ConfigError, match="FluxPipeline"):
         build_components(compose(["model=tiny", f"model.pretrained={tmp_path / 'sdxl'}"]).model)
 
@@ -100,8 +100,8 @@ def test_sdxl_filtered_fine_tune_writes_records_and_a_pipeline_that_loads_genera
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (16, 16, 3) and np.isfinite(image).all()
 
-    from evaluation.detect import score_prompts
-    from evaluation.generate import load_pipeline
+    from memfilter.evaluation.detect import score_prompts
+    from memfilter.evaluation.generate import load_pipeline
     scores, mags = score_prompts(load_pipeline(run_dir), ["a red circle", "a blue square"],
                                  num_generations=2, num_steps=2, num_inference_steps=4)
     assert mags.shape == (2, 2, 2) and torch.isfinite(scores).all() and (scores > 0).all()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from filtering.policies import (MAD_TO_STD, BatchQuantile, FixedThreshold, NoFilter, RunningQuantile,
+from memfilter.filtering.policies import (MAD_TO_STD, BatchQuantile, FixedThreshold, NoFilter, RunningQuantile,
                                 TimestepBucketed, build_policy)
 
 
@@ -365,7 +365,7 @@ def test_build_policy_by_name():
 
 
 def test_a_nan_magnitude_is_dropped_and_kept_out_of_the_statistics():
-    from filtering.policies import RunningQuantile
+    from memfilter.filtering.policies import RunningQuantile
     p = RunningQuantile(quantile=0.5, window=100, warmup=4)
     p.decide(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     keep = p.decide(torch.tensor([float("nan"), 1.0, 5.0]))
@@ -387,7 +387,7 @@ def _caption_stream(seed: int, steps: int = 30):
 
 
 def test_caption_policy_drops_a_caption_once_its_magnitudes_rise_and_keeps_the_rest():
-    from filtering.policies import CaptionHistory
+    from memfilter.filtering.policies import CaptionHistory
 
     p = CaptionHistory(threshold=1.25, baseline=8, decay=0.2, num_buckets=4, window=256, warmup=8)
     kept = {step: p.decide(m, t, groups=gr) for step, (m, t, gr) in enumerate(_caption_stream(0))}
@@ -402,7 +402,7 @@ def test_caption_policy_drops_a_caption_once_its_magnitudes_rise_and_keeps_the_r
 
 
 def test_caption_policy_never_drops_captions_seen_fewer_than_baseline_times():
-    from filtering.policies import CaptionHistory
+    from memfilter.filtering.policies import CaptionHistory
 
     p = CaptionHistory(threshold=1.01, baseline=5, num_buckets=1, warmup=4)
     p.decide(torch.ones(8), torch.zeros(8, dtype=torch.long), groups=torch.arange(100, 108))   # warm-up
@@ -413,7 +413,7 @@ def test_caption_policy_never_drops_captions_seen_fewer_than_baseline_times():
 
 
 def test_caption_policy_restored_mid_stream_decides_as_the_uninterrupted_one():
-    from filtering.policies import CaptionHistory
+    from memfilter.filtering.policies import CaptionHistory
 
     make = lambda: CaptionHistory(threshold=1.2, baseline=4, decay=0.3, num_buckets=4, window=64, warmup=8)  # noqa: E731
     stream = list(_caption_stream(3))
@@ -435,7 +435,7 @@ def test_caption_policy_restored_mid_stream_decides_as_the_uninterrupted_one():
 def test_caption_policy_judges_a_sample_before_adding_it_to_its_caption():
     """The module's rule: a sample is judged on its caption's past appearances; its own m only counts for the
     next ones. A jump is kept once, and the caption's next appearance, however ordinary, is dropped."""
-    from filtering.policies import CaptionHistory
+    from memfilter.filtering.policies import CaptionHistory
 
     p = CaptionHistory(threshold=1.2, baseline=4, decay=0.5, num_buckets=1, window=64, warmup=4, min_timestep=0)
     t = torch.full((1,), 900)
@@ -446,7 +446,7 @@ def test_caption_policy_judges_a_sample_before_adding_it_to_its_caption():
 
 
 def test_caption_group_ids_are_stable_48_bit_and_survive_the_float_gather():
-    from filtering.policies import caption_group
+    from memfilter.filtering.policies import caption_group
 
     ids = [caption_group(c) for c in ("a red circle", " A Red Circle ", "a blue square")]
     assert ids[0] == ids[1] != ids[2] and all(0 <= i < 2 ** 48 for i in ids)
@@ -456,7 +456,7 @@ def test_caption_group_ids_are_stable_48_bit_and_survive_the_float_gather():
 
 
 def test_caption_policy_counts_only_high_noise_evidence_but_drops_at_every_timestep():
-    from filtering.policies import CaptionHistory
+    from memfilter.filtering.policies import CaptionHistory
 
     p = CaptionHistory(threshold=1.2, baseline=4, decay=0.5, num_buckets=2, window=64, warmup=4, min_timestep=500)
     low, high = torch.full((4,), 100), torch.full((4,), 900)
@@ -491,7 +491,7 @@ def _item_stream(seed: int, steps: int = 80, rise_from: int = 20):
 
 
 def _item_policy(**kw):
-    from filtering.policies import ItemEvidence
+    from memfilter.filtering.policies import ItemEvidence
     return ItemEvidence(**{"num_buckets": 4, "window": 64, "warmup": 16, **kw})
 
 
@@ -573,7 +573,7 @@ def test_item_policy_state_stays_bounded_on_a_million_distinct_captions():
 
 
 def test_item_groups_caption_and_image_ids_survive_the_float_gather():
-    from filtering.policies import image_groups, item_groups
+    from memfilter.filtering.policies import image_groups, item_groups
 
     g = torch.Generator().manual_seed(0)
     blocks = lambda: torch.rand(1, 3, 4, 4, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)  # noqa: E731

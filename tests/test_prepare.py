@@ -17,10 +17,10 @@ from PIL import Image
 
 from tests.conftest import REPO, run_cmd
 from tests.test_sources import corrupt_jpeg, encode, smooth
-from train.data.duplication import wen_plan
-from train.data.hf import HFSource
-from train.data.imagefolder import DataConfigError, ImageFolderSource
-from train.data.prepare import near_duplicate_pairs, phash, prepare
+from memfilter.train.data.duplication import wen_plan
+from memfilter.train.data.hf import HFSource
+from memfilter.train.data.imagefolder import DataConfigError, ImageFolderSource
+from memfilter.train.data.prepare import near_duplicate_pairs, phash, prepare
 
 
 def read_shards(out) -> tuple[dict, dict]:
@@ -121,7 +121,7 @@ def test_webdataset_reads_the_shards_back(tmp_path):
 
 def test_streaming_source_reads_prep_output(tmp_path):
     """The training loop's WebDatasetSource sees every written sample once, with caption and dup_group."""
-    from train.data.wds import WebDatasetSource
+    from memfilter.train.data.wds import WebDatasetSource
 
     folder(tmp_path / "in", n_good=5)
     src = ImageFolderSource(tmp_path / "in")
@@ -191,8 +191,8 @@ def _compose(overrides):
 
 
 def test_app_config_errors_name_the_field(tmp_path):
-    from launch.config_check import ConfigError
-    from launch.prepare import run
+    from memfilter.launch.config_check import ConfigError
+    from memfilter.launch.prepare import run
 
     folder(tmp_path / "in", n_good=3)
     with pytest.raises(DataConfigError, match=r"input\.path=.*no such folder"):
@@ -238,7 +238,7 @@ def test_dedup_baselines_skip_exact_and_near_copies_and_count_them(tmp_path, var
     appearance is counted by reason, and what is written plus what was skipped is every appearance."""
     import pyarrow.parquet as pq
 
-    from toyworld.world import ToyWorld, prepare_world
+    from memfilter.toyworld.world import ToyWorld, prepare_world
 
     world = ToyWorld(num_unique=12, num_duplicated=2, repeats=5, seed=1, variant=variant)
     total = 12 + 2 * 5

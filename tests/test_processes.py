@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from filtering.records import read_records
+from memfilter.filtering.records import read_records
 from tests.conftest import REPO, launch_cmd, run_cmd
 from tests.test_wds import png, write_shards
 
@@ -119,7 +119,7 @@ def test_two_process_streaming_resume_with_a_bad_sample_on_one_rank(tmp_path):
     import shutil
 
     import webdataset as wds
-    from train.data.wds import WebDatasetSource
+    from memfilter.train.data.wds import WebDatasetSource
     pattern = write_shards(tmp_path / "shards", n_shards=4, per_shard=6)
     for url in WebDatasetSource(pattern, seed=0)._epoch_shards(0)[1::2]:     # rank 1's shards in epoch 0
         with wds.TarWriter(url) as w:                                         # start with 3 corrupt members

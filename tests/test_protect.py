@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from filtering.protect import Protect
-from filtering.records import read_records
-from launch.config_check import ConfigError
+from memfilter.filtering.protect import Protect
+from memfilter.filtering.records import read_records
+from memfilter.launch.config_check import ConfigError
 from tests.conftest import train_in_process
 
 
@@ -31,7 +31,7 @@ def test_protect_matches_caption_patterns_keys_and_keep_lists(tmp_path):
 def test_protected_samples_are_kept_and_the_rest_still_filtered(tmp_path):
     """A threshold below every magnitude drops everything but the protected captions (the world's captions name
     the shape, "a red circle": the first sample's shape protects exactly the samples of that shape)."""
-    from launch.builders import build_dataset
+    from memfilter.launch.builders import build_dataset
     from tests.conftest import _args, compose
     data = build_dataset(compose(_args(None, [])).data, 16)
     samples = [data[i] for i in range(len(data))]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.quality import (clip_score, fid_kid, frechet_distance, inception_inputs, load_inception,
+from memfilter.evaluation.quality import (clip_score, fid_kid, frechet_distance, inception_inputs, load_inception,
                                 quality_metrics)
 
 DIM = 64
@@ -153,7 +153,7 @@ def clip_dir(tmp_path_factory):
         from transformers import CLIPImageProcessorPil as ImageProcessor
     except ImportError:
         from transformers import CLIPImageProcessor as ImageProcessor
-    from train.tokenizer import build_tiny_tokenizer
+    from memfilter.train.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     cfg = CLIPConfig(

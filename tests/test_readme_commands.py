@@ -8,7 +8,7 @@ import shlex
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from launch.diffusers_flags import translate
+from memfilter.launch.diffusers_flags import translate
 from tests.conftest import REPO, compose
 
 APPS = {"train": "train", "train.sbatch": "train", "demo": "demo", "prepare": "prepare", "evaluate": "evaluate",

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from filtering.records import SCHEMA, RecordWriter, read_records
+from memfilter.filtering.records import SCHEMA, RecordWriter, read_records
 
 BS = 3  # samples per step
 
@@ -100,7 +100,7 @@ def test_records_written_before_the_eligible_column_read_back_with_it_unknown(tm
     """A resumed run's folder may hold parts of an older writer: they read as one table, eligibility null,
     and the judged samples fall back to m > 0 for them only."""
     import pyarrow as pa
-    from filtering.records import eligible_mask
+    from memfilter.filtering.records import eligible_mask
 
     old = tmp_path / "rank-00000"
     old.mkdir()

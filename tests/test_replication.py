@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.descriptors import Descriptor, load_descriptor, preprocess
-from evaluation.replication import (background_similarity, embed, match_grid, nearest_neighbours,
+from memfilter.evaluation.descriptors import Descriptor, load_descriptor, preprocess
+from memfilter.evaluation.replication import (background_similarity, embed, match_grid, nearest_neighbours,
                                     replication_stats, similarity_histogram)
 
 

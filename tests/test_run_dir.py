@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from launch.config_check import ConfigError
+from memfilter.launch.config_check import ConfigError
 from tests.conftest import compose, train_in_process
 
 
@@ -31,7 +31,7 @@ def test_a_rerun_without_resume_stops_and_leaves_every_file_byte_identical(tmp_p
 
 
 def test_resume_without_the_run_directory_stops_naming_output_dir(tmp_path):
-    from launch.train import run
+    from memfilter.launch.train import run
     cfg = compose(["model=tiny", "logger=none", f"output_dir={tmp_path / 'nowhere'}", "resume_from_checkpoint=latest"])
     with pytest.raises(ConfigError, match=r"resume_from_checkpoint=latest: output_dir=.*nowhere does not exist"):
         run(cfg)

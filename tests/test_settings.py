@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from omegaconf import OmegaConf
 
-from launch.config_check import ConfigError, check_train_config, train_args
+from memfilter.launch.config_check import ConfigError, check_train_config, train_args
 from tests.conftest import REPO, compose
 
 FILTERS = sorted(p.stem for p in (REPO / "conf" / "filter").glob("*.yaml"))
@@ -21,7 +21,7 @@ def _same(a, b) -> bool:
 
 def _reaches(cfg, args, optim) -> None:
     """Every top-level setting and optim.* key arrives in TrainArgs / OptimArgs with its composed value."""
-    from launch.schema import APP_KEYS, GROUPS
+    from memfilter.launch.schema import APP_KEYS, GROUPS
     for key, value in OmegaConf.to_container(cfg, resolve=True).items():
         if key in GROUPS or key in APP_KEYS:
             continue
@@ -32,7 +32,7 @@ def _reaches(cfg, args, optim) -> None:
 
 @pytest.mark.parametrize("name", FILTERS)
 def test_every_filter_key_reaches_its_policy(name):
-    from launch.builders import build_filter
+    from memfilter.launch.builders import build_filter
     cfg = compose([f"filter={name}"])
     check_train_config(cfg, cuda_available=False)
     policy = build_filter(cfg.filter, num_train_timesteps=1000)
@@ -58,7 +58,7 @@ def test_every_model_option_composes(model):
     cfg = compose([f"model={model}", "data.any_model=true"])    # real models refuse the world's data otherwise
     check_train_config(cfg, cuda_available=False)
     if model.startswith("tiny"):        # built from config: every model.tiny key reaches the built model
-        from launch.builders import build_components
+        from memfilter.launch.builders import build_components
         c = build_components(compose([f"model={model}", "model.tiny.resolution=16",
                                       "model.tiny.block_out_channels=[32,32]", "model.tiny.latent_channels=8"]).model)
         assert c.family == cfg.model.tiny.family
@@ -67,7 +67,7 @@ def test_every_model_option_composes(model):
 
 
 def test_defaults_are_the_dataclasses_and_the_yaml_only_overrides():
-    from train.loop import OptimArgs, TrainArgs
+    from memfilter.train.loop import OptimArgs, TrainArgs
     cfg = compose(["train_batch_size=3"])
     args, optim = train_args(cfg)
     _reaches(cfg, args, optim)
@@ -105,7 +105,7 @@ def test_a_bad_value_names_the_key_and_a_valid_one(override, message):
 
 
 def test_the_settings_module_checks_and_documents_fields():
-    from filtering.settings import check_settings, defaults, int_at_least, setting
+    from memfilter.filtering.settings import check_settings, defaults, int_at_least, setting
 
     @dataclasses.dataclass
     class Demo:
@@ -119,7 +119,7 @@ def test_the_settings_module_checks_and_documents_fields():
 
 
 def test_a_real_model_without_data_stops_naming_data():
-    from launch.config_check import check_train_config
+    from memfilter.launch.config_check import check_train_config
     for overrides in (["model=sd15", "filter=fixed"], ["experiment=wen2024"]):
         with pytest.raises(ConfigError, match=r"^data: model\.pretrained="):
             check_train_config(compose(overrides), cuda_available=True)
@@ -130,7 +130,7 @@ def test_a_real_model_without_data_stops_naming_data():
 
 
 def test_a_fixed_threshold_may_be_infinite_but_not_nan_or_negative():
-    from filtering.policies import FixedThreshold
+    from memfilter.filtering.policies import FixedThreshold
     assert FixedThreshold(float("inf")).threshold == float("inf")       # keeps everything (the benchmark's)
     for bad in (float("nan"), -1.0, 0):
         with pytest.raises(ValueError, match=r"filter\.threshold="):
@@ -142,7 +142,7 @@ def test_every_data_key_reaches_its_source(tmp_path):
 
     from PIL import Image
 
-    from launch.builders import build_dataset
+    from memfilter.launch.builders import build_dataset
     from tests.test_wds import write_shards
     folder = tmp_path / "images"
     folder.mkdir()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from filtering.signal import magnitude_from_predictions, text_noise_magnitude
-from train.models import SD_SCHEDULER
+from memfilter.filtering.signal import magnitude_from_predictions, text_noise_magnitude
+from memfilter.train.models import SD_SCHEDULER
 
 B, C, H, W = 4, 4, 8, 8   # latents of a 16 px image through a 2x VAE
 L, D = 7, 32              # prompt length, cross-attention width
@@ -174,8 +174,8 @@ def test_training_step_gives_the_caption_policy_each_samples_group(unet, schedul
     """The step gathers 48-bit caption ids exactly (float32 halves) and the policy decides per caption."""
     import copy as _copy
 
-    from filtering.policies import CaptionHistory, caption_group
-    from train.step import filtered_diffusion_step
+    from memfilter.filtering.policies import CaptionHistory, caption_group
+    from memfilter.train.step import filtered_diffusion_step
 
     g = torch.Generator().manual_seed(3)
     latents, embeds = torch.randn(8, C, H, W, generator=g), torch.randn(8, 6, D, generator=g)
@@ -198,7 +198,7 @@ def test_training_step_gives_the_caption_policy_each_samples_group(unet, schedul
 def test_step_stats_travel_by_name_through_one_gather_with_exact_48_bit_ids():
     """Two ranks' rows in one float32 collective (torch.cat stands for accelerate's all-gather, which
     concatenates in rank order): every field back by name, ids exact to 2**48 - 1, padding rows invalid."""
-    from train.step import StepStats
+    from memfilter.train.step import StepStats
 
     def rank_stats(r: int, b: int) -> StepStats:
         return StepStats(magnitude=torch.tensor([float("nan")] + [1.5 + r] * (b - 1)),

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from train.data.hf import HFSource
-from train.data.imagefolder import DataConfigError, ImageFolderSource
+from memfilter.train.data.hf import HFSource
+from memfilter.train.data.imagefolder import DataConfigError, ImageFolderSource
 
 
 def smooth(seed: int, size=(40, 32)) -> Image.Image:
@@ -211,7 +211,7 @@ def test_data_configs_match_the_constructors(tmp_path, name):
     from omegaconf import OmegaConf
 
     from tests.conftest import compose
-    from train.data.duplication import make_plan
+    from memfilter.train.data.duplication import make_plan
 
     bad_folder(tmp_path)
     if name == "hf":

@@ -9,8 +9,8 @@ import torch
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file
 
-from filtering.policies import RunningQuantile, TimestepBucketed
-from train.checkpoint import load_state_dict, save_state_dict
+from memfilter.filtering.policies import RunningQuantile, TimestepBucketed
+from memfilter.train.checkpoint import load_state_dict, save_state_dict
 
 
 def assert_same(a, b, path="state"):

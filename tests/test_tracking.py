@@ -22,7 +22,7 @@ def test_wandb_respects_its_environment_and_a_resumed_run_continues_it(tmp_path,
 
 
 def test_wandb_environment_wins_over_defaults_and_the_config_over_both(tmp_path, monkeypatch):
-    from train.tracking import WandbTracker
+    from memfilter.train.tracking import WandbTracker
     monkeypatch.setenv("WANDB_PROJECT", "from-env")
     monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-7")
     t = WandbTracker(tmp_path / "a")

@@ -9,8 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from filtering.records import read_records
-from launch.config_check import ConfigError
+from memfilter.filtering.records import read_records
+from memfilter.launch.config_check import ConfigError
 from tests.conftest import compose, launch_cmd, run_cmd, train_in_process
 
 
@@ -64,7 +64,7 @@ def test_every_sample_dropped_is_safe(tmp_path):
     # the exported UNet equals the initial one: nothing was stepped
     cfg = compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
                    "model.tiny.vae_channels=[32,32]"])
-    from launch.builders import build_components
+    from memfilter.launch.builders import build_components
     initial = build_components(cfg.model).unet.state_dict()
     trained = UNet2DConditionModel.from_pretrained(run_dir / "unet").state_dict()
     assert all(torch.equal(initial[k], trained[k]) for k in initial)
@@ -86,10 +86,10 @@ def test_filter_changes_the_update(tmp_path):
 
 def test_pretrained_directory_v_prediction_lora_and_ema(tmp_path):
     """model.pretrained loads a save_pretrained directory; v-prediction and LoRA export as diffusers does."""
-    from launch.builders import build_components
+    from memfilter.launch.builders import build_components
     base = build_components(compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
                                      "model.tiny.vae_channels=[32,32]"]).model)
-    from train.families import build_pipeline
+    from memfilter.train.families import build_pipeline
     build_pipeline(base).save_pretrained(tmp_path / "base")
 
     run_dir, summary = train_in_process(tmp_path / "lora", [
@@ -127,7 +127,7 @@ def test_pretrained_directory_v_prediction_lora_and_ema(tmp_path):
     ("filter=timestep", None),
 ])
 def test_config_check(override, key):
-    from launch.config_check import check_train_config
+    from memfilter.launch.config_check import check_train_config
     cfg = compose([override])
     if key is None:
         check_train_config(cfg, cuda_available=False)
@@ -137,7 +137,7 @@ def test_config_check(override, key):
 
 
 def test_filter_values_are_checked():
-    from launch.config_check import check_train_config
+    from memfilter.launch.config_check import check_train_config
     with pytest.raises(ConfigError, match=r"filter\.threshold"):
         check_train_config(compose(["filter=fixed", "filter.threshold=-2"]), cuda_available=False)
     with pytest.raises(ConfigError, match=r"filter\.statistic"):
@@ -224,7 +224,7 @@ def test_imagefolder_with_injected_duplication(tmp_path):
 def test_a_non_finite_gradient_steps_neither_weights_nor_ema_and_is_counted(bad):
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
-    from train.loop import TrainState, optimizer_update
+    from memfilter.train.loop import TrainState, optimizer_update
 
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
@@ -257,8 +257,8 @@ def test_lora_in_bf16_is_fused_into_the_full_precision_base(tmp_path):
     """Training casts the frozen UNet to bf16; the exported pipeline must hold the base's fp32 weights, bit for
     bit, plus the adapters' delta computed in fp32, not a bf16 copy upcast."""
     from safetensors.torch import load_file
-    from launch.builders import build_components
-    from train.families import build_pipeline
+    from memfilter.launch.builders import build_components
+    from memfilter.train.families import build_pipeline
 
     base = build_components(compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
                                      "model.tiny.vae_channels=[32,32]"]).model)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
-from filtering.detection import _seed, detection_scores, trajectory_magnitudes
-from filtering.signal import text_noise_magnitude
-from train.families import build_tiny
+from memfilter.filtering.detection import _seed, detection_scores, trajectory_magnitudes
+from memfilter.filtering.signal import text_noise_magnitude
+from memfilter.train.families import build_tiny
 
 
 def _setup(prediction_type="epsilon"):

@@ -10,11 +10,11 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from train.data.collate import CollateForTraining
-from train.data.report import DataReport
-from train.data.transforms import ImageTransform
-from train.data.wds import WebDatasetSource
-from train.tokenizer import build_tiny_tokenizer
+from memfilter.train.data.collate import CollateForTraining
+from memfilter.train.data.report import DataReport
+from memfilter.train.data.transforms import ImageTransform
+from memfilter.train.data.wds import WebDatasetSource
+from memfilter.train.tokenizer import build_tiny_tokenizer
 
 COLLATE = CollateForTraining(build_tiny_tokenizer(), ImageTransform(16))
 

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from toyworld.world import (ATTRIBUTES, CAPTION_TEMPLATES, COLOURS, CONCEPT_NAMES, POSITIONS, SHAPES, VARIANTS,
+from memfilter.toyworld.world import (ATTRIBUTES, CAPTION_TEMPLATES, COLOURS, CONCEPT_NAMES, POSITIONS, SHAPES, VARIANTS,
                               ToyWorld, ToyWorldDataset, WorldSpec, caption_of, combo, detail_descriptor, draw_item,
                               fidelity, load_world, parse_caption, prepare_world, read_attributes, render, shape_mask,
                               shard_urls, templated_caption, world_from_dict, world_to_dict)
-from train.tokenizer import DEFAULT_WORDS, build_tiny_tokenizer
+from memfilter.train.tokenizer import DEFAULT_WORDS, build_tiny_tokenizer
 
 
 def test_items_are_a_pure_function_of_seed_split_index():

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toyworld.world import SPLITS, WorldSpec, draw_item, fidelity
-from train.families import build_pipeline, build_tiny
-from train.models import Components
+from memfilter.toyworld.world import SPLITS, WorldSpec, draw_item, fidelity
+from memfilter.train.families import build_pipeline, build_tiny
+from memfilter.train.models import Components
 
 log = logging.getLogger("memfilter.world_base")
 

@@ -23,11 +23,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from evaluation.detection import detection_metrics
-from evaluation.detect import score_prompts
-from evaluation.generate import image_seed
-from evaluation.replication import nearest_neighbours
-from toyworld.world import ToyWorld, detail_descriptor, draw_item, fidelity, named_attributes, parse_caption
+from memfilter.evaluation.detection import detection_metrics
+from memfilter.evaluation.detect import score_prompts
+from memfilter.evaluation.generate import image_seed
+from memfilter.evaluation.replication import nearest_neighbours
+from memfilter.toyworld.world import ToyWorld, detail_descriptor, draw_item, fidelity, named_attributes, parse_caption
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _generate(pipe, prompts: list[str], n: int, settings: WorldEvalSettings, res
 def filter_decisions(records_dir: str | Path, world: ToyWorld, num_phases: int = 4) -> dict:
     """Precision and recall of dropping duplicated samples, from a run's records (eligible samples only:
     a caption dropped for guidance is never judged)."""
-    from filtering.records import eligible_mask, read_records
+    from memfilter.filtering.records import eligible_mask, read_records
 
     t = read_records(records_dir).to_pandas()
     items = ToyWorld.item_of_keys(t["key"])

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from evaluation.report import _fmt as _f  # one number format for every report
-from toyworld.evaluate import to_json
-from toyworld.world import ToyWorld
+from memfilter.evaluation.report import _fmt as _f  # one number format for every report
+from memfilter.toyworld.evaluate import to_json
+from memfilter.toyworld.world import ToyWorld
 
 
 def _pct(v) -> str:
@@ -106,7 +106,7 @@ def magnitude_plot(records: dict, path: str | Path, num_duplicated: int) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from filtering.records import eligible_mask, read_records
+    from memfilter.filtering.records import eligible_mask, read_records
 
     runs = {n: p for n, p in records.items() if p is not None and Path(p).exists()}
     if not runs:

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from train.data.duplication import DuplicationPlan
+from memfilter.train.data.duplication import DuplicationPlan
 
 _LO, _HI = 50, 205
 COLOURS = {"black": (_LO, _LO, _LO), "red": (_HI, _LO, _LO), "green": (_LO, _HI, _LO), "blue": (_LO, _LO, _HI),
@@ -571,7 +571,7 @@ def world_source(world: ToyWorld):
     """The world as a MapSource for the prep code. Exact variant: the distinct items, keys world-<index>
     (copies become world-<index>#dup<copy> through `world_plan`). Other variants: every appearance, keys
     world-<index>-<copy> as in `ToyWorld.sample`, so the shards hold what `ToyWorldDataset` yields."""
-    from train.data.imagefolder import MapSource, RawRecord
+    from memfilter.train.data.imagefolder import MapSource, RawRecord
 
     records = _records(world)
     exact = world.variant == "exact"
@@ -644,7 +644,7 @@ def prepare_world(world: ToyWorld, output_dir, *, shard_size: int = 500, seed: i
     import json
     from pathlib import Path
 
-    from train.data.prepare import prepare
+    from memfilter.train.data.prepare import prepare
 
     report = prepare(world_source(world), output_dir, shard_size=shard_size, plan=world_plan(world), seed=seed,
                      overwrite=overwrite, input_info={"kind": "world", **world_to_dict(world)}, progress=progress,

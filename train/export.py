@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from train.families import build_pipeline, get_family
-from train.models import Components
+from memfilter.train.families import build_pipeline, get_family
+from memfilter.train.models import Components
 
 
 @torch.no_grad()

@@ -36,21 +36,21 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from filtering.conditioning import where
-from filtering.policies import FilterPolicy, item_groups
-from filtering.protect import Protect
-from filtering.records import RecordWriter
-from filtering.settings import check_settings, int_at_least, is_int, num_in, setting
-from train.checkpoint import find_checkpoint, load_checkpoint, register_diffusers_format, save_checkpoint
-from train.data.collate import CollateForTraining
-from train.data.report import DataReport, merge_reports, write_report
-from train.data.transforms import ImageTransform
-from train.data.feed import data_stream, make_feed
-from train.export import export_pipeline, save_images, validation_images, write_model_card
-from train.families import get_family
-from train.models import Components, add_lora
-from train.step import StepStats, filtered_diffusion_step
-from train.tracking import NullTracker
+from memfilter.filtering.conditioning import where
+from memfilter.filtering.policies import FilterPolicy, item_groups
+from memfilter.filtering.protect import Protect
+from memfilter.filtering.records import RecordWriter
+from memfilter.filtering.settings import check_settings, int_at_least, is_int, num_in, setting
+from memfilter.train.checkpoint import find_checkpoint, load_checkpoint, register_diffusers_format, save_checkpoint
+from memfilter.train.data.collate import CollateForTraining
+from memfilter.train.data.report import DataReport, merge_reports, write_report
+from memfilter.train.data.transforms import ImageTransform
+from memfilter.train.data.feed import data_stream, make_feed
+from memfilter.train.export import export_pipeline, save_images, validation_images, write_model_card
+from memfilter.train.families import get_family
+from memfilter.train.models import Components, add_lora
+from memfilter.train.step import StepStats, filtered_diffusion_step
+from memfilter.train.tracking import NullTracker
 
 log = logging.getLogger("memfilter.train")
 

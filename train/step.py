@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from filtering.conditioning import as_conditioning
-from filtering.policies import FilterPolicy
-from filtering.signal import text_noise_magnitude
+from memfilter.filtering.conditioning import as_conditioning
+from memfilter.filtering.policies import FilterPolicy
+from memfilter.filtering.signal import text_noise_magnitude
 
 
 @dataclass

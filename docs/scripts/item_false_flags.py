@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from filtering.policies import ItemEvidence  # noqa: E402
+from memfilter.filtering.policies import ItemEvidence  # noqa: E402
 
 
 def false_flags(seed: int, z_crit: float, steps: int, drift: float) -> int:

@@ -18,12 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from filtering.policies import build_policy, caption_group  # noqa: E402
-from filtering.records import eligible_mask, read_records  # noqa: E402
+from memfilter.filtering.policies import build_policy, caption_group  # noqa: E402
+from memfilter.filtering.records import eligible_mask, read_records  # noqa: E402
 
 
 def replay(records: str, seed: int, spec: dict, world_kw: dict | None = None) -> dict:
-    from toyworld.world import ToyWorld
+    from memfilter.toyworld.world import ToyWorld
 
     spec = dict(spec)
     by = spec.pop("by", "image")

@@ -1,4 +1,4 @@
 """Data sources yielding Samples (key, image, caption, meta) and the collate that makes batches."""
-from train.data.collate import CollateForTraining
+from memfilter.train.data.collate import CollateForTraining
 
 __all__ = ["CollateForTraining"]

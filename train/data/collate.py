@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from train.data.transforms import BadSample, ImageTransform
+from memfilter.train.data.transforms import BadSample, ImageTransform
 
 
 def skip_record(key, reason: str, detail: str = "") -> dict:

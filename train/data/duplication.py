@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from train.data.transforms import BadSample, pick_caption
+from memfilter.train.data.transforms import BadSample, pick_caption
 
 PROTOCOLS = ("wen", "somepalli")
 MODES = ("image_and_caption", "image_only")

@@ -13,8 +13,8 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
-from train.data.imagefolder import DataConfigError, MapSource, RawRecord, as_group
-from train.data.transforms import DEFAULT_MAX_PIXELS, BadSample, pick_caption
+from memfilter.train.data.imagefolder import DataConfigError, MapSource, RawRecord, as_group
+from memfilter.train.data.transforms import DEFAULT_MAX_PIXELS, BadSample, pick_caption
 
 FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 

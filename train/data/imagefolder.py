@@ -23,8 +23,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from train.data.collate import skip_record
-from train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
+from memfilter.train.data.collate import skip_record
+from memfilter.train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
 
 log = logging.getLogger("memfilter.data")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")

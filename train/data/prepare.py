@@ -33,9 +33,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from train.data.duplication import DuplicationPlan, copy_key
-from train.data.imagefolder import DataConfigError, MapSource
-from train.data.transforms import BadSample, load_image, pick_caption
+from memfilter.train.data.duplication import DuplicationPlan, copy_key
+from memfilter.train.data.imagefolder import DataConfigError, MapSource
+from memfilter.train.data.transforms import BadSample, load_image, pick_caption
 
 SHARD_PATTERN = "shard-%06d.tar"
 OUTPUT_FILES = ("manifest.parquet", "shards.json", "prep_report.json", "duplicates.parquet")

@@ -30,7 +30,7 @@ import braceexpand
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
+from memfilter.train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
 
 CAPTION_KEYS = ("txt", "caption", "json")
 
@@ -229,7 +229,7 @@ class WebDatasetSource(IterableDataset):
         """Every sample of every shard once, in shard order, decoded (bad ones as skip records).
 
         For passes over the whole set outside training (evaluation embeds the training images)."""
-        from train.data.collate import skip_record
+        from memfilter.train.data.collate import skip_record
 
         errors: list = []
         pipeline = wds.DataPipeline(lambda: iter({"url": u} for u in self.urls),

@@ -10,10 +10,10 @@ conf/model/<name>.yaml.
 """
 from __future__ import annotations
 
-from train.families.base import Family, Tokenize
-from train.families.sd import StableDiffusion, build_tiny
-from train.families.sdxl import StableDiffusionXL, build_tiny_sdxl
-from train.models import Components
+from memfilter.train.families.base import Family, Tokenize
+from memfilter.train.families.sd import StableDiffusion, build_tiny
+from memfilter.train.families.sdxl import StableDiffusionXL, build_tiny_sdxl
+from memfilter.train.models import Components
 
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in (StableDiffusion, StableDiffusionXL)}
 TINY_BUILDERS = {"sd": build_tiny, "sdxl": build_tiny_sdxl}

@@ -23,9 +23,9 @@ import diffusers
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from filtering.conditioning import expand
-from train.data.collate import Tokenize
-from train.models import Components
+from memfilter.filtering.conditioning import expand
+from memfilter.train.data.collate import Tokenize
+from memfilter.train.models import Components
 
 
 class Family:
@@ -101,7 +101,7 @@ class Family:
     @torch.no_grad()
     def prompt_conditioning(self, prompts: list[str], resolution: int, batch_size: int = 64) -> dict:
         """Conditioning of prompts as the pipeline builds it (full image, no crop), P rows."""
-        from filtering.conditioning import cat
+        from memfilter.filtering.conditioning import cat
 
         dev = self.text_device()
         parts = [self.encode_text({k: v.to(dev) for k, v in self.tokenize_fn()(prompts[i:i + batch_size]).items()})

@@ -6,9 +6,9 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from train.families.base import Family
-from train.models import SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_vae
-from train.tokenizer import build_tiny_tokenizer
+from memfilter.train.families.base import Family
+from memfilter.train.models import SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_vae
+from memfilter.train.tokenizer import build_tiny_tokenizer
 
 
 class StableDiffusion(Family):

@@ -15,9 +15,9 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from train.families.base import Family, Tokenize
-from train.models import SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_vae
-from train.tokenizer import build_tiny_tokenizer
+from memfilter.train.families.base import Family, Tokenize
+from memfilter.train.models import SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_vae
+from memfilter.train.tokenizer import build_tiny_tokenizer
 
 
 class StableDiffusionXL(Family):

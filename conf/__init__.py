@@ -1,0 +1,1 @@
+"""Hydra config tree (a package so that installed apps find it as memfilter.conf)."""
