@@ -161,3 +161,20 @@ def test_every_data_key_reaches_its_source(tmp_path):
     assert (src.shuffle_buffer, src.min_size, src.max_pixels, src.samples_per_epoch) == (7, 2, 12345, 8)
     with pytest.raises(Exception, match="shufle_buffer"):
         compose(["data=webdataset", "data.shufle_buffer=3"])
+
+
+def test_foreach_and_offloaded_ema_train_as_the_plain_ema(tmp_path):
+    """diffusers' --foreach_ema and --offload_ema: the same EMA weights as the plain update (on CPU the offload is a
+    round trip through the same device; the code path is the one CUDA runs)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from tests.conftest import train_in_process
+    runs = {}
+    for name, extra in (("plain", []), ("foreach_offload", ["foreach_ema=true", "offload_ema=true"])):
+        run_dir, _ = train_in_process(tmp_path / name, ["use_ema=true", "ema_decay=0.5", "max_train_steps=2",
+                                                        "checkpointing_steps=2", *extra])
+        runs[name] = UNet2DConditionModel.from_pretrained(run_dir, subfolder="unet").state_dict()
+        assert (run_dir / "checkpoint-2" / "unet_ema").is_dir()
+    for k, v in runs["plain"].items():
+        torch.testing.assert_close(runs["foreach_offload"][k], v, rtol=1e-6, atol=1e-7)

@@ -98,6 +98,10 @@ class TrainArgs:
                             "keep an EMA of the UNet, exported instead of the raw weights")
     ema_decay: float = setting(0.9999, "a number in (0, 1), e.g. ema_decay=0.9999",
                                num_in(0, 1, lo_open=True, hi_open=True), "EMA decay")
+    foreach_ema: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
+                                "update the EMA with torch's foreach ops (faster, a little more memory)")
+    offload_ema: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
+                                "keep the EMA on the CPU between steps, moved to the device for its update")
     lora_rank: int = setting(0, "an integer >= 0 (0: full fine-tuning)", int_at_least(0),
                              "train LoRA adapters of this rank instead of the full UNet (model.lora.rank)")
     checkpointing_steps: int = setting(500, "an integer >= 0 (0: no checkpoints)", int_at_least(0),
@@ -297,9 +301,18 @@ class _Run:
                 raise ValueError("use_ema=true with model.lora.rank>0 is not supported: EMA the full UNet, "
                                  "or drop EMA")
             self.ema = EMAModel([p.detach().clone() for p in unet.parameters()], decay=args.ema_decay,
-                                model_cls=type(unet), model_config=unet.config)
-            self.ema.to(dev)
+                                model_cls=type(unet), model_config=unet.config, foreach=args.foreach_ema)
+            self._place_ema()
         self.unet = unet
+
+    def _place_ema(self) -> None:
+        """The EMA on the training device, or on the CPU (pinned on CUDA) with offload_ema."""
+        if not self.args.offload_ema:
+            self.ema.to(self.dev)
+            return
+        self.ema.to("cpu")
+        if self.dev.type == "cuda":
+            self.ema.pin_memory()
 
     def build_optimizer(self, optim: OptimArgs) -> None:
         args = self.args
@@ -356,7 +369,7 @@ class _Run:
             self.feed.check_resume((meta.get("config") or {}).get("dataloader_num_workers",
                                                                   args.dataloader_num_workers))
             if self.ema is not None:
-                self.ema.to(self.dev)
+                self._place_ema()
             self.accelerator.print(f"resumed from {path} at step {state.global_step} "
                                    f"(epoch {state.epoch}, batch {state.batches_in_epoch})")
         dropped = self.records.truncate_after(state.global_step)
@@ -426,7 +439,7 @@ class _Run:
     def update(self, kept_total: int) -> None:
         """The optimizer, EMA and schedule step of a global step (module docstring: counting)."""
         optimizer_update(self.accelerator, self.params, self.optimizer, self.ema, self.raw_unet, kept_total,
-                         self.args.max_grad_norm, self.state)
+                         self.args.max_grad_norm, self.state, offload_ema=self.args.offload_ema)
         with warnings.catch_warnings():   # a skipped step advances the schedule on purpose (module docstring)
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
             self.lr_scheduler.step()
@@ -515,7 +528,7 @@ class _Run:
 
 
 def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total: int, max_grad_norm: float,
-                     state: TrainState) -> bool:
+                     state: TrainState, offload_ema: bool = False) -> bool:
     """The step's update from the accumulated gradient: divided by the global kept count, clipped, then the
     optimizer and the EMA step. No update when every sample was dropped (`skipped_steps`) or when the gradient
     norm is not finite (`nonfinite_steps`: an inf/NaN from bf16 overflow or a bad sample would otherwise be
@@ -533,7 +546,11 @@ def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total
         return False
     optimizer.step()
     if ema is not None:
+        if offload_ema:                      # diffusers' --offload_ema: to the device for the update, then back
+            ema.to(unet.device, non_blocking=True)
         ema.step(unet.parameters())
+        if offload_ema:
+            ema.to("cpu", non_blocking=True)
     return True
 
 
