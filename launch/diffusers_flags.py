@@ -66,7 +66,7 @@ FLAGS: dict[str, tuple[str, object]] = {
     "use_8bit_adam": ("no", "not supported yet (bitsandbytes is not wired in): AdamW runs in full precision"),
     "offload_ema": ("true", "offload_ema"),
     "foreach_ema": ("true", "foreach_ema"),
-    "input_perturbation": ("no", "not supported yet"),
+    "input_perturbation": ("value", "input_perturbation"),
     "dream_training": ("no", "not supported yet"),
     "timestep_bias_strategy": ("no", "not supported yet: timesteps are drawn uniformly"),
     "timestep_bias_multiplier": ("no", "not supported yet: timesteps are drawn uniformly"),

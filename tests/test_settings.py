@@ -178,3 +178,22 @@ def test_foreach_and_offloaded_ema_train_as_the_plain_ema(tmp_path):
         assert (run_dir / "checkpoint-2" / "unet_ema").is_dir()
     for k, v in runs["plain"].items():
         torch.testing.assert_close(runs["foreach_offload"][k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_input_perturbation_moves_x_t_and_keeps_the_target():
+    """diffusers' --input_perturbation: x_t from noise + gamma * fresh noise, the target still the noise."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from memfilter.train.models import SD_SCHEDULER
+    from memfilter.train.step import noised_inputs
+    sched = DDPMScheduler(**SD_SCHEDULER)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x0, t0, y0 = noised_inputs(sched, latents, torch.Generator().manual_seed(0))
+    x1, t1, y1 = noised_inputs(sched, latents, torch.Generator().manual_seed(0), input_perturbation=0.1)
+    assert torch.equal(t0, t1) and torch.equal(y0, y1) and not torch.allclose(x0, x1)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g)
+    torch.randint(0, 1000, (3,), generator=g)
+    extra = torch.randn(latents.shape, generator=g)
+    torch.testing.assert_close(x1, sched.add_noise(latents, noise + 0.1 * extra, t1))

@@ -92,6 +92,8 @@ class TrainArgs:
     snr_gamma: float | None = setting(None, "null or a number > 0, e.g. snr_gamma=5.0",
                                       _opt(num_in(0, math.inf, lo_open=True)), "Min-SNR weighting gamma")
     noise_offset: float = setting(0.0, "a number >= 0", num_in(0, math.inf), "diffusers' noise offset")
+    input_perturbation: float = setting(0.0, "a number >= 0, e.g. input_perturbation=0.1", num_in(0, math.inf),
+                                        "perturb the noise x_t is made from, not the target (Ning et al. 2023)")
     proportion_empty_prompts: float = setting(0.0, "a number in [0, 1)", num_in(0, 1, hi_open=True),
                                               "caption dropout for classifier-free guidance")
     use_ema: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
@@ -420,7 +422,8 @@ class _Run:
             out = filtered_diffusion_step(
                 self.unet, self.c.noise_scheduler, latents, cond, uncond, self.policy, gen, eligible=judged,
                 is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=self.raw_unet,
-                snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, gather=self.accelerator.gather,
+                snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
+                input_perturbation=args.input_perturbation, gather=self.accelerator.gather,
                 rank=self.rank, autocast=self.accelerator.autocast(), compute_magnitude=self.compute_m,
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups)
             # x world: DDP averages gradients over ranks, we want their sum (divided by the kept total later)

@@ -83,8 +83,11 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> t
 
 
 def noised_inputs(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
-                  noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t, t and the training target of a micro-batch, drawn from `generator` (noise, then timesteps)."""
+                  noise_offset: float = 0.0, input_perturbation: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_t, t and the training target of a micro-batch, drawn from `generator` (noise, then timesteps, then the
+    input perturbation of Ning et al. 2023 as diffusers applies it: x_t gets noise + gamma * fresh noise, the target
+    keeps the noise)."""
     b, dev = latents.shape[0], latents.device
     noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
     if noise_offset:
@@ -97,7 +100,11 @@ def noised_inputs(noise_scheduler, latents: torch.Tensor, generator: torch.Gener
         raise ValueError(f"prediction_type={ptype!r}: training supports epsilon and v_prediction "
                          "(set model.prediction_type)")
     target = noise if ptype == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-    return noise_scheduler.add_noise(latents, noise, timesteps), timesteps, target
+    noised = noise
+    if input_perturbation:
+        noised = noise + input_perturbation * torch.randn(latents.shape, generator=generator, device=dev,
+                                                          dtype=latents.dtype)
+    return noise_scheduler.add_noise(latents, noised, timesteps), timesteps, target
 
 
 def filtered_diffusion_step(
@@ -114,6 +121,7 @@ def filtered_diffusion_step(
     magnitude_unet: torch.nn.Module | None = None,
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     rank: int = 0,
     autocast: contextlib.AbstractContextManager | None = None,
@@ -139,6 +147,8 @@ def filtered_diffusion_step(
             default `unet`.
         snr_gamma: Min-SNR gamma; None for the plain MSE. Default None.
         noise_offset: diffusers' noise offset. Default 0.
+        input_perturbation: diffusers' input perturbation (x_t from a perturbed noise, the target unperturbed).
+            Default 0.
         gather: concatenates a [B, ...] tensor over ranks (accelerator.gather); default identity.
         rank: this rank's index in the gathered tensors. Default 0.
         autocast: autocast context for the extra forward (the prepared model autocasts itself).
@@ -150,7 +160,7 @@ def filtered_diffusion_step(
             < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
     """
     b, dev, ptype = latents.shape[0], latents.device, noise_scheduler.config.prediction_type
-    noisy, timesteps, target = noised_inputs(noise_scheduler, latents, generator, noise_offset)
+    noisy, timesteps, target = noised_inputs(noise_scheduler, latents, generator, noise_offset, input_perturbation)
     pred = unet(noisy, timesteps, **as_conditioning(cond)).sample  # [B,C,h,w], grad
 
     if compute_magnitude:
