@@ -60,7 +60,7 @@ FLAGS: dict[str, tuple[str, object]] = {
     "enable_xformers_memory_efficient_attention": ("ignore", "diffusers uses torch's scaled-dot-product attention"),
     "logging_dir": ("ignore", "trackers write inside output_dir"),
     "max_train_samples": ("value", "max_train_samples"),
-    "validation_epochs": ("no", "validation is by steps here: use validation_steps=<n>"),
+    "validation_epochs": ("value", "validation_epochs"),
     "dataset_config_name": ("no", "not supported yet: save the configuration with save_to_disk and give its folder"),
     "non_ema_revision": ("no", "not supported yet: the EMA and the trained UNet start from the same revision"),
     "use_8bit_adam": ("no", "not supported yet (bitsandbytes is not wired in): AdamW runs in full precision"),

@@ -197,3 +197,11 @@ def test_input_perturbation_moves_x_t_and_keeps_the_target():
     torch.randint(0, 1000, (3,), generator=g)
     extra = torch.randn(latents.shape, generator=g)
     torch.testing.assert_close(x1, sched.add_noise(latents, noise + 0.1 * extra, t1))
+
+
+def test_validation_epochs_validates_after_every_nth_epoch(tmp_path):
+    """diffusers' --validation_epochs: 16 samples in batches of 4 are 4 steps an epoch; 9 steps end 2 epochs."""
+    from tests.conftest import train_in_process
+    run_dir, _ = train_in_process(tmp_path, ["max_train_steps=9", "validation_epochs=1", "validation_inference_steps=2",
+                                             "validation_prompts=[a red circle]"])
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["epoch-0001", "epoch-0002", "final"]

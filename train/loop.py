@@ -115,6 +115,8 @@ class TrainArgs:
     validation_prompts: list = setting(must="a list of prompts", check=lambda v: isinstance(v, (list, tuple)),
                                        doc="prompts sampled every validation_steps and at the end", factory=list)
     validation_steps: int = setting(0, "an integer >= 0 (0: only at the end)", int_at_least(0))
+    validation_epochs: int = setting(0, "an integer >= 0 (0: not by epochs)", int_at_least(0),
+                                     "also validate after every n-th epoch (diffusers' --validation_epochs)")
     num_validation_images: int = setting(1, "an integer >= 1", int_at_least(1), "images per validation prompt")
     validation_inference_steps: int = setting(20, "an integer >= 1", int_at_least(1), "sampling steps")
     logging_steps: int = setting(10, "an integer >= 1", int_at_least(1), "log scalars and histograms every n steps")
@@ -273,6 +275,7 @@ class _Run:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
         self.state, self.data_report, self.window = TrainState(), DataReport(), _Window()
+        self.epochs_done = 0            # the last epoch whose final micro-batch was consumed (validation_epochs)
         self.compute_m = policy.name != "none" or args.log_magnitudes
 
     def build_model(self) -> None:
@@ -432,6 +435,8 @@ class _Run:
                             out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
         self.window.add(out.stats)
         state.epoch, state.batches_in_epoch = epoch, consumed
+        if consumed == self.feed.batches_per_epoch(epoch):
+            self.epochs_done = epoch + 1
         g = out.stats
         state.samples_seen += g.keep.numel()
         state.samples_kept += int(g.keep.sum())
@@ -458,6 +463,9 @@ class _Run:
             self.checkpoint()
         if args.validation_steps and step % args.validation_steps == 0 and step != self.max_steps:
             self.validate(f"step-{step:06d}")
+        done, self.epochs_done = self.epochs_done, 0
+        if args.validation_epochs and done and done % args.validation_epochs == 0 and step != self.max_steps:
+            self.validate(f"epoch-{done:04d}")
 
     def checkpoint(self) -> None:
         self.records.flush()
