@@ -2,6 +2,7 @@
 as package data, console scripts that work from any directory after a non-editable install."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,7 +14,11 @@ from tests.conftest import REPO
 
 @pytest.mark.slow
 def test_a_wheel_installed_in_a_fresh_environment_runs_from_another_directory(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "whl"), str(REPO)],
+    # built from a copy: setuptools writes build/ beside the sources, and the checkout must stay as it is
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "outputs", "multirun", "wandb",
+                                                             "__pycache__", "*.egg-info", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "whl"), str(src)],
                    check=True, capture_output=True, timeout=300, cwd=tmp_path)
     wheel = next((tmp_path / "whl").glob("memfilter-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

@@ -400,7 +400,7 @@ class _Run:
     def micro_step(self, stream, micro: int) -> int:
         """One micro-batch: condition, filtered step, backward, records. Returns the global kept count."""
         args, state, dev = self.args, self.state, self.dev
-        epoch, consumed, batch = next(stream)
+        epoch, consumed, last_of_epoch, batch = next(stream)
         if epoch != state.epoch:
             state.positions = {}
         if "position" in batch:
@@ -435,7 +435,7 @@ class _Run:
                             out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
         self.window.add(out.stats)
         state.epoch, state.batches_in_epoch = epoch, consumed
-        if consumed == self.feed.batches_per_epoch(epoch):
+        if last_of_epoch:
             self.epochs_done = epoch + 1
         g = out.stats
         state.samples_seen += g.keep.numel()

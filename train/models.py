@@ -83,3 +83,20 @@ def tiny_text_config(tokenizer, hidden: int, layers: int, heads: int, max_length
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
         num_attention_heads=heads, max_position_embeddings=max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=hidden)
+
+
+def tiny_unet(latent_size: int, latent_channels: int, layers_per_block: int, block_out_channels,
+              cross_attention_dim: int, attention_head_dim: int, cross_attention_levels: int,
+              attention_at_top: bool = True, **extra) -> UNet2DConditionModel:
+    """A UNet2DConditionModel with cross-attention at `cross_attention_levels` levels: the top ones (SD) or the
+    bottom ones (SDXL, attention_at_top=False); `extra` adds a family's own arguments (SDXL's added embedding)."""
+    n = len(block_out_channels)
+    a = max(1, min(n, cross_attention_levels))
+    down = ("CrossAttnDownBlock2D",) * a + ("DownBlock2D",) * (n - a) if attention_at_top else \
+        ("DownBlock2D",) * (n - a) + ("CrossAttnDownBlock2D",) * a
+    up = tuple(reversed([b.replace("Down", "Up") for b in down]))
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels), down_block_types=down,
+        up_block_types=up, cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+        norm_num_groups=min(32, block_out_channels[0]), **extra)

@@ -75,11 +75,12 @@ class SampleSubset(Dataset):
 
 def data_stream(feed, state):
     """Micro-batches forever, epoch after epoch, from the position in `state` (epoch, batches_in_epoch,
-    positions): yields (epoch, batches consumed in that epoch, batch)."""
+    positions): yields (epoch, batches consumed in that epoch, whether it was the epoch's last, batch)."""
     epoch, skip = state.epoch, state.batches_in_epoch
     if skip >= feed.batches_per_epoch(epoch):
         epoch, skip = epoch + 1, 0
     while True:
+        n = feed.batches_per_epoch(epoch)          # once per epoch, not per micro-batch
         for i, batch in enumerate(feed.batches(epoch, skip, state.positions), start=skip + 1):
-            yield epoch, i, batch
+            yield epoch, i, i == n, batch
         epoch, skip = epoch + 1, 0

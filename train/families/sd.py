@@ -3,11 +3,12 @@ v-prediction (the scheduler's prediction_type)."""
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextModel
 
 from memfilter.train.families.base import Family
-from memfilter.train.models import SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_vae
+from memfilter.train.models import (SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_unet,
+                                    tiny_vae)
 from memfilter.train.tokenizer import build_tiny_tokenizer
 
 
@@ -60,14 +61,7 @@ def build_tiny(resolution: int = 32, block_out_channels: tuple[int, ...] = (32, 
         text_encoder = CLIPTextModel(tiny_text_config(tokenizer, cross_attention_dim, text_layers, text_heads,
                                                       max_length))
         vae = tiny_vae(resolution, vae_channels, latent_channels, vae_layers_per_block)
-        n = len(block_out_channels)
-        a = max(1, min(n, cross_attention_levels))
-        unet = UNet2DConditionModel(
-            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-            layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels),
-            down_block_types=("CrossAttnDownBlock2D",) * a + ("DownBlock2D",) * (n - a),
-            up_block_types=("UpBlock2D",) * (n - a) + ("CrossAttnUpBlock2D",) * a,
-            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
-            norm_num_groups=min(32, block_out_channels[0]))
+        unet = tiny_unet(latent_size, latent_channels, layers_per_block, block_out_channels, cross_attention_dim,
+                         attention_head_dim, cross_attention_levels)
     noise_scheduler = DDPMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, family="sd")

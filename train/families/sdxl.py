@@ -12,11 +12,12 @@ else the empty caption encoded: the magnitude's reference and the caption dropou
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from memfilter.train.families.base import Family, Tokenize
-from memfilter.train.models import SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_vae
+from memfilter.train.models import (SD_SCHEDULER, Components, check_tiny_resolution, tiny_text_config, tiny_unet,
+                                    tiny_vae)
 from memfilter.train.tokenizer import build_tiny_tokenizer
 
 
@@ -94,18 +95,11 @@ def build_tiny_sdxl(resolution: int = 32, block_out_channels: tuple[int, ...] = 
         text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, half, text_layers, text_heads,
                                                                       max_length))
         vae = tiny_vae(resolution, vae_channels, latent_channels, vae_layers_per_block)
-        n = len(block_out_channels)
-        a = max(1, min(n, cross_attention_levels))
-        unet = UNet2DConditionModel(
-            sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-            layers_per_block=layers_per_block, block_out_channels=tuple(block_out_channels),
-            down_block_types=("DownBlock2D",) * (n - a) + ("CrossAttnDownBlock2D",) * a,
-            up_block_types=("CrossAttnUpBlock2D",) * a + ("UpBlock2D",) * (n - a),
-            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
-            use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=addition_time_embed_dim,
-            projection_class_embeddings_input_dim=half + 6 * addition_time_embed_dim,
-            norm_num_groups=min(32, block_out_channels[0]))
+        unet = tiny_unet(latent_size, latent_channels, layers_per_block, block_out_channels, cross_attention_dim,
+                         attention_head_dim, cross_attention_levels, attention_at_top=False,
+                         use_linear_projection=True, addition_embed_type="text_time",
+                         addition_time_embed_dim=addition_time_embed_dim,
+                         projection_class_embeddings_input_dim=half + 6 * addition_time_embed_dim)
     noise_scheduler = DDPMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, family="sdxl", tokenizer_2=tokenizer_2,
                       text_encoder_2=text_encoder_2, pipeline_config={"force_zeros_for_empty_prompt": True})
