@@ -42,7 +42,8 @@ def build_components(model: DictConfig) -> Components:
         path = resolve_pretrained(model.pretrained)
         try:
             return load_pretrained(path, revision=model.revision, variant=model.variant,
-                                   prediction_type=model.prediction_type, vae=model.get("vae"))
+                                   prediction_type=model.prediction_type, vae=model.get("vae"),
+                                   non_ema_revision=model.get("non_ema_revision"))
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.pretrained={model.pretrained!r} could not be loaded ({e}). Give a local "
                               "diffusers directory (as save_pretrained writes it) or a hub id that is cached "

@@ -74,7 +74,12 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     """Raise ConfigError for the first value that cannot work."""
     for key, ok, must in _RULES:
         check_value(cfg, key, ok, must)
-    train_args(cfg)
+    _, optim = train_args(cfg)
+    from memfilter.train.loop import adamw_class
+    try:
+        adamw_class(optim.use_8bit_adam)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _check_filter_builds(cfg)
     if cfg.mixed_precision == "fp16" and not cuda_available:
         raise ConfigError("mixed_precision=fp16 needs a CUDA GPU; on CPU use mixed_precision=bf16 or no")
@@ -93,6 +98,16 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     if cfg.logger.name in ("wandb", "all") and cfg.logger.get("mode") not in (None, "offline", "online", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.get('mode')!r}: must be null (WANDB_MODE), offline, online or "
                           "disabled")
+
+
+def check_model_settings(cfg: DictConfig, components) -> None:
+    """The settings that depend on the loaded model (its training timesteps, its prediction type), before the
+    run writes anything."""
+    from memfilter.train.noise import check_noise
+    try:
+        check_noise(train_args(cfg)[0], components.noise_scheduler)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_world_data(cfg: DictConfig) -> None:

@@ -17,7 +17,8 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from memfilter.launch.config_check import ConfigError, check_train_config, run_or_exit, train_args  # noqa: E402
+from memfilter.launch.config_check import (ConfigError, check_model_settings, check_train_config,  # noqa: E402
+                                           run_or_exit, train_args)
 
 log = logging.getLogger("memfilter")
 
@@ -48,6 +49,7 @@ def run(cfg: DictConfig) -> dict:
 
     dataset = build_dataset(cfg.data, cfg.resolution or 0, cfg.seed)   # fail on a bad path before loading models
     components = build_components(cfg.model)
+    check_model_settings(cfg, components)
     resolution = cfg.resolution or native_resolution(components)
     if getattr(dataset, "resolution", resolution) != resolution:      # drawn data: draw at the model's size
         dataset = build_dataset(cfg.data, resolution, cfg.seed)

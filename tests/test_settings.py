@@ -186,11 +186,12 @@ def test_input_perturbation_moves_x_t_and_keeps_the_target():
     from diffusers import DDPMScheduler
 
     from memfilter.train.models import SD_SCHEDULER
-    from memfilter.train.step import noised_inputs
+    from memfilter.train.noise import NoiseArgs, noised_inputs
     sched = DDPMScheduler(**SD_SCHEDULER)
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    x0, t0, y0 = noised_inputs(sched, latents, torch.Generator().manual_seed(0))
-    x1, t1, y1 = noised_inputs(sched, latents, torch.Generator().manual_seed(0), input_perturbation=0.1)
+    a = noised_inputs(sched, latents, torch.Generator().manual_seed(0))
+    b = noised_inputs(sched, latents, torch.Generator().manual_seed(0), NoiseArgs(input_perturbation=0.1))
+    (x0, t0, y0), (x1, t1, y1) = (a.noisy, a.timesteps, a.target), (b.noisy, b.timesteps, b.target)
     assert torch.equal(t0, t1) and torch.equal(y0, y1) and not torch.allclose(x0, x1)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(latents.shape, generator=g)

@@ -49,6 +49,7 @@ from memfilter.train.data.feed import data_stream, make_feed
 from memfilter.train.export import export_pipeline, save_images, validation_images, write_model_card
 from memfilter.train.families import get_family
 from memfilter.train.models import Components, add_lora
+from memfilter.train.noise import NoiseArgs, check_noise
 from memfilter.train.step import StepStats, filtered_diffusion_step
 from memfilter.train.tracking import NullTracker
 
@@ -62,9 +63,9 @@ def _opt(check):
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(NoiseArgs):
     """Loop settings; names and defaults follow diffusers' train_text_to_image.py, but center_crop (true here)
-    and log_magnitudes (memfilter's). The toy world's recipe in conf/train.yaml overrides some. Each field holds
+    and log_magnitudes (memfilter's); the noise and timestep recipes are NoiseArgs' (train.noise). The toy world's recipe in conf/train.yaml overrides some. Each field holds
     its default, its check and its doc (filtering.settings); a bad value raises a ValueError naming the key."""
 
     output_dir: str = setting("???", "a directory path", lambda v: isinstance(v, str) and v != "",
@@ -84,6 +85,8 @@ class TrainArgs:
     max_train_samples: int | None = setting(None, "null or an integer >= 1", _opt(int_at_least(1)),
                                             "train on this many samples of a map-style source, drawn with the seed")
     gradient_accumulation_steps: int = setting(1, "an integer >= 1", int_at_least(1), "micro-batches per step")
+    allow_tf32: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
+                               "TF32 matmuls and convolutions on Ampere and newer GPUs (faster, fp32 training)")
     gradient_checkpointing: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
                                            "recompute UNet activations in backward")
     max_grad_norm: float = setting(1.0, "a number >= 0 (0 disables clipping)", num_in(0, math.inf),
@@ -91,9 +94,6 @@ class TrainArgs:
     seed: int = setting(0, "an integer", is_int, "data order, noise (each rank derives its own)")
     snr_gamma: float | None = setting(None, "null or a number > 0, e.g. snr_gamma=5.0",
                                       _opt(num_in(0, math.inf, lo_open=True)), "Min-SNR weighting gamma")
-    noise_offset: float = setting(0.0, "a number >= 0", num_in(0, math.inf), "diffusers' noise offset")
-    input_perturbation: float = setting(0.0, "a number >= 0, e.g. input_perturbation=0.1", num_in(0, math.inf),
-                                        "perturb the noise x_t is made from, not the target (Ning et al. 2023)")
     proportion_empty_prompts: float = setting(0.0, "a number in [0, 1)", num_in(0, 1, hi_open=True),
                                               "caption dropout for classifier-free guidance")
     use_ema: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
@@ -128,6 +128,7 @@ class TrainArgs:
 
     def __post_init__(self):
         check_settings(self)
+        super().__post_init__()
 
 
 @dataclass
@@ -147,6 +148,8 @@ class OptimArgs:
     adam_beta2: float = setting(0.999, "a number in [0, 1)", num_in(0, 1, hi_open=True))
     adam_weight_decay: float = setting(1e-2, "a number >= 0", num_in(0, math.inf))
     adam_epsilon: float = setting(1e-8, "a number > 0", num_in(0, math.inf, lo_open=True))
+    use_8bit_adam: bool = setting(False, "true or false", lambda v: isinstance(v, bool),
+                                  "bitsandbytes' 8-bit AdamW (pip install 'memfilter[8bit]')")
 
     def __post_init__(self):
         check_settings(self, "optim.")
@@ -281,6 +284,9 @@ class _Run:
     def build_model(self) -> None:
         """Frozen parts in weight_dtype; the UNet (or its LoRA adapters) trains in fp32; EMA; the export copy."""
         args, c, dev = self.args, self.c, self.dev
+        check_noise(args, c.noise_scheduler)
+        if args.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         # the exported pipeline gets the frozen modules in full precision, not their training-time casts (with
         # LoRA the UNet's base weights too: the adapters are fused into this copy)
         low = self.weight_dtype != torch.float32
@@ -305,9 +311,11 @@ class _Run:
             if args.lora_rank:
                 raise ValueError("use_ema=true with model.lora.rank>0 is not supported: EMA the full UNet, "
                                  "or drop EMA")
-            self.ema = EMAModel([p.detach().clone() for p in unet.parameters()], decay=args.ema_decay,
+            start = c.ema_start if c.ema_start is not None else unet   # diffusers' non_ema_revision
+            self.ema = EMAModel([p.detach().clone() for p in start.parameters()], decay=args.ema_decay,
                                 model_cls=type(unet), model_config=unet.config, foreach=args.foreach_ema)
             self._place_ema()
+        c.ema_start = None
         self.unet = unet
 
     def _place_ema(self) -> None:
@@ -325,7 +333,7 @@ class _Run:
         if optim.scale_lr:
             lr *= args.gradient_accumulation_steps * args.train_batch_size * self.world
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
+        self.optimizer = adamw_class(optim.use_8bit_adam)(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                            weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
         self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
         register_diffusers_format(self.accelerator, self.family, self.ema, lora=bool(args.lora_rank))
@@ -425,9 +433,8 @@ class _Run:
             out = filtered_diffusion_step(
                 self.unet, self.c.noise_scheduler, latents, cond, uncond, self.policy, gen, eligible=judged,
                 is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=self.raw_unet,
-                snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
-                input_perturbation=args.input_perturbation, gather=self.accelerator.gather,
-                rank=self.rank, autocast=self.accelerator.autocast(), compute_magnitude=self.compute_m,
+                snr_gamma=args.snr_gamma, noise=args, gather=self.accelerator.gather,
+                rank=self.rank, autocast=self.accelerator.autocast, compute_magnitude=self.compute_m,
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups)
             # x world: DDP averages gradients over ranks, we want their sum (divided by the kept total later)
             self.accelerator.backward(out.loss_sum * self.world)
@@ -536,6 +543,18 @@ class _Run:
             "wall_seconds": round(time.time() - t0, 1), "family": self.family.name,
             "pipeline": str(self.run_dir), "records": str(self.run_dir / "records"),
         }
+
+
+def adamw_class(use_8bit_adam: bool) -> type:
+    """torch's AdamW, or bitsandbytes' AdamW8bit (diffusers' --use_8bit_adam), an optional extra."""
+    if not use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ValueError("optim.use_8bit_adam=true needs bitsandbytes: pip install 'memfilter[8bit]' "
+                         f"(or set optim.use_8bit_adam=false). ({e})") from None
+    return bitsandbytes.optim.AdamW8bit
 
 
 def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total: int, max_grad_norm: float,

@@ -28,6 +28,8 @@ class Components:
     scheduler: the base model's sampling scheduler, exported as it is; None (a model built from config): DDIM
         over the training schedule.
     pipeline_config: the base pipeline's own flags (SDXL: force_zeros_for_empty_prompt).
+    ema_start: the UNet an EMA starts from when it is not the trained one (diffusers' non_ema_revision: the
+        trained UNet from that revision, the EMA from `revision`); None: the trained UNet's weights.
     """
 
     tokenizer: Any
@@ -40,6 +42,7 @@ class Components:
     text_encoder_2: torch.nn.Module | None = None
     scheduler: Any = None
     pipeline_config: dict = field(default_factory=dict)
+    ema_start: torch.nn.Module | None = None
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None = None,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from memfilter.filtering.conditioning import as_conditioning
 from memfilter.filtering.policies import FilterPolicy
 from memfilter.filtering.signal import text_noise_magnitude
+from memfilter.train.noise import NoiseArgs, dream, noised_inputs
 
 
 @dataclass
@@ -82,31 +83,6 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> t
     return w
 
 
-def noised_inputs(noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
-                  noise_offset: float = 0.0, input_perturbation: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_t, t and the training target of a micro-batch, drawn from `generator` (noise, then timesteps, then the
-    input perturbation of Ning et al. 2023 as diffusers applies it: x_t gets noise + gamma * fresh noise, the target
-    keeps the noise)."""
-    b, dev = latents.shape[0], latents.device
-    noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator,
-                                                   device=dev, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
-                              device=dev).long()
-    ptype = noise_scheduler.config.prediction_type
-    if ptype not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type={ptype!r}: training supports epsilon and v_prediction "
-                         "(set model.prediction_type)")
-    target = noise if ptype == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-    noised = noise
-    if input_perturbation:
-        noised = noise + input_perturbation * torch.randn(latents.shape, generator=generator, device=dev,
-                                                          dtype=latents.dtype)
-    return noise_scheduler.add_noise(latents, noised, timesteps), timesteps, target
-
-
 def filtered_diffusion_step(
     unet: torch.nn.Module,
     noise_scheduler,
@@ -120,11 +96,10 @@ def filtered_diffusion_step(
     is_duplicate: torch.Tensor | None = None,
     magnitude_unet: torch.nn.Module | None = None,
     snr_gamma: float | None = None,
-    noise_offset: float = 0.0,
-    input_perturbation: float = 0.0,
+    noise: NoiseArgs | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     rank: int = 0,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     compute_magnitude: bool = True,
     valid: torch.Tensor | None = None,
     pad_to: int | None = None,
@@ -146,12 +121,12 @@ def filtered_diffusion_step(
         magnitude_unet: the unwrapped UNet for the extra no-grad forward (avoids DDP bookkeeping);
             default `unet`.
         snr_gamma: Min-SNR gamma; None for the plain MSE. Default None.
-        noise_offset: diffusers' noise offset. Default 0.
-        input_perturbation: diffusers' input perturbation (x_t from a perturbed noise, the target unperturbed).
-            Default 0.
+        noise: diffusers' noise and timestep recipes (train.noise.NoiseArgs; the loop passes its TrainArgs).
+            Default none of them.
         gather: concatenates a [B, ...] tensor over ranks (accelerator.gather); default identity.
         rank: this rank's index in the gathered tensors. Default 0.
-        autocast: autocast context for the extra forward (the prepared model autocasts itself).
+        autocast: makes the autocast context of each extra forward (accelerator.autocast; the prepared model
+            autocasts itself).
         compute_magnitude: False skips the extra forward (a plain fine-tune: policy `none`, m recorded as NaN).
         valid: [B] bool, False for filler rows (a rank whose batch lost every sample to bad input runs one
             filler so that it still joins the all-reduce); never kept, never judged. Default all True.
@@ -160,13 +135,18 @@ def filtered_diffusion_step(
             < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
     """
     b, dev, ptype = latents.shape[0], latents.device, noise_scheduler.config.prediction_type
-    noisy, timesteps, target = noised_inputs(noise_scheduler, latents, generator, noise_offset, input_perturbation)
+    noise = noise or NoiseArgs()
+    drawn = noised_inputs(noise_scheduler, latents, generator, noise)
+    if noise.dream_training:
+        drawn = dream(magnitude_unet or unet, noise_scheduler, drawn, as_conditioning(cond),
+                      noise.dream_detail_preservation, autocast and autocast())
+    noisy, timesteps, target = drawn.noisy, drawn.timesteps, drawn.target
     pred = unet(noisy, timesteps, **as_conditioning(cond)).sample  # [B,C,h,w], grad
 
     if compute_magnitude:
         m = text_noise_magnitude(magnitude_unet or unet, noisy, timesteps, uncond, cond_pred=pred,
                                  prediction_type=ptype, alphas_cumprod=noise_scheduler.alphas_cumprod,
-                                 autocast=autocast)
+                                 autocast=autocast and autocast())
     else:
         m = torch.full((b,), float("nan"), device=dev)   # not measured: the policy must be `none`
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]

@@ -20,7 +20,8 @@ FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "js
 
 
 def load_hf_dataset(path: str | None, *, format: str | None = None, data_files=None, split: str = "train",
-                    cache_dir: str | None = None, config_prefix: str = "data") -> datasets.Dataset:
+                    cache_dir: str | None = None, config_name: str | None = None,
+                    config_prefix: str = "data") -> datasets.Dataset:
     """One split of a dataset from disk, from data files or from the hub cache.
 
     Args:
@@ -31,12 +32,18 @@ def load_hf_dataset(path: str | None, *, format: str | None = None, data_files=N
             Default None.
         split: the split to use. Default "train".
         cache_dir: where `load_dataset` writes its Arrow cache. Default None (the HF cache).
+        config_name: the dataset's configuration (`load_dataset(path, name)`, diffusers' --dataset_config_name),
+            for a hub dataset or a folder whose README.md declares `configs`. Default None (the default one).
         config_prefix: the config block named in error messages. Default "data".
     """
     p = Path(path).expanduser() if path else None
     where = f"{config_prefix}.path={path!r}"
-    if p is not None and format is None and data_files is None and p.is_dir() and (
-            (p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+    saved = p is not None and p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+    if config_name is not None and (saved or format is not None or data_files is not None or (p and p.is_file())):
+        raise DataConfigError(f"{config_prefix}.config_name={config_name!r}: a configuration is chosen only for a "
+                              f"hub dataset or a dataset folder whose README.md declares `configs`; set "
+                              f"{config_prefix}.config_name=null for a save_to_disk folder or data files")
+    if saved and format is None and data_files is None:
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -58,17 +65,17 @@ def load_hf_dataset(path: str | None, *, format: str | None = None, data_files=N
         if data_files is not None:
             return datasets.load_dataset(format, data_files=data_files, split=split, cache_dir=cache_dir)
         if local and format is None:                      # a folder: let datasets infer the builder
-            return datasets.load_dataset(str(p), split=split, cache_dir=cache_dir)
+            return datasets.load_dataset(str(p), config_name, split=split, cache_dir=cache_dir)
         if local and p.is_dir():
             return datasets.load_dataset(format, data_dir=str(p), split=split, cache_dir=cache_dir)
         if local:
             return datasets.load_dataset(format, data_files=str(p), split=split, cache_dir=cache_dir)
-        return datasets.load_dataset(path, split=split, cache_dir=cache_dir)
+        return datasets.load_dataset(path, config_name, split=split, cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, ConnectionError, ...)
         kind = "as local data" if local else "as a hub dataset (no network: HF_HUB_OFFLINE=1 and a cached copy)"
         raise DataConfigError(f"{where}: could not load {kind}: {type(e).__name__}: {e}. Check {config_prefix}."
-                              f"path, {config_prefix}.format and {config_prefix}.split, or save the dataset "
-                              "with save_to_disk and point at that folder") from e
+                              f"path, {config_prefix}.format, {config_prefix}.config_name and {config_prefix}.split, "
+                              "or save the dataset with save_to_disk and point at that folder") from e
 
 
 class HFSource(MapSource):
@@ -89,6 +96,7 @@ class HFSource(MapSource):
         max_pixels: pixel count above which an image is skipped ("too_large"). Default 16384^2.
         seed: seed of the per-epoch caption choice. Default 0.
         cache_dir: Arrow cache of `load_dataset`. Default None (the HF cache).
+        config_name: the dataset's configuration (see `load_hf_dataset`). Default None.
         dataset: an already loaded `datasets.Dataset` (notebooks, tests). Default None.
         config_prefix: the config block named in error messages. Default "data".
     """
@@ -99,10 +107,12 @@ class HFSource(MapSource):
                  image_column: str = "image", caption_column: str = "text", key_column: str | None = None,
                  key_prefix: str | None = None, dup_group_column: str | None = None, image_root: str | None = None,
                  min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
-                 cache_dir: str | None = None, dataset: datasets.Dataset | None = None, config_prefix: str = "data"):
+                 cache_dir: str | None = None, config_name: str | None = None,
+                 dataset: datasets.Dataset | None = None, config_prefix: str = "data"):
         super().__init__(min_size, max_pixels, seed)
         ds = dataset if dataset is not None else load_hf_dataset(
-            path, format=format, data_files=data_files, split=split, cache_dir=cache_dir, config_prefix=config_prefix)
+            path, format=format, data_files=data_files, split=split, cache_dir=cache_dir, config_name=config_name,
+            config_prefix=config_prefix)
         columns = {"image_column": image_column, "caption_column": caption_column, "key_column": key_column,
                    "dup_group_column": dup_group_column}
         for field, name in columns.items():

@@ -40,7 +40,8 @@ def read_model_index(pretrained: str, revision: str | None = None) -> dict:
 
 
 def load_pretrained(pretrained: str, revision: str | None = None, variant: str | None = None,
-                    prediction_type: str | None = None, vae: str | None = None) -> Components:
+                    prediction_type: str | None = None, vae: str | None = None,
+                    non_ema_revision: str | None = None) -> Components:
     """Components of a diffusers directory or hub id, of the family its model_index.json names.
 
     Args:
@@ -51,6 +52,8 @@ def load_pretrained(pretrained: str, revision: str | None = None, variant: str |
             Default None: keep what the model was trained with.
         vae: a separate AutoencoderKL (directory or hub id, its weights at the top level) instead of the model's.
             Default None.
+        non_ema_revision: hub revision of the UNet to train, as diffusers' --non_ema_revision: the trained UNet
+            comes from it, an EMA starts from `revision`'s (Components.ema_start). Default None: `revision`'s.
     """
     index = read_model_index(pretrained, revision)
     cls = family_class(index.get("_class_name", ""), f"model.pretrained={pretrained!r}")
@@ -58,6 +61,12 @@ def load_pretrained(pretrained: str, revision: str | None = None, variant: str |
     if vae:
         from diffusers import AutoencoderKL
         components.vae = AutoencoderKL.from_pretrained(vae, revision=revision)
+    if non_ema_revision and non_ema_revision != revision:
+        import diffusers
+        unet_cls = getattr(diffusers, cls.component_classes["unet"])
+        components.ema_start = components.unet
+        components.unet = unet_cls.from_pretrained(pretrained, subfolder="unet", revision=non_ema_revision,
+                                                   variant=variant)
     return components
 
 
