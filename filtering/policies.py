@@ -31,6 +31,7 @@ class FilterPolicy:
     uses_groups = False   # True: _decide also takes the item ids of every sample (see item_groups)
     group_by: tuple = ("caption",)   # which item ids the loop computes for it
     uses_losses = False              # True: _decide also takes the per-sample losses
+    needs_magnitude = True           # False: the loop runs no extra forward for it
 
     def decide(self, magnitudes: torch.Tensor, timesteps: torch.Tensor | None = None,
                eligible: torch.Tensor | None = None, groups: torch.Tensor | None = None,
@@ -88,6 +89,7 @@ class NoFilter(FilterPolicy):
     """Keeps everything: the baseline."""
 
     name = "none"
+    needs_magnitude = False
 
     def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None):
         # everything, even a NaN magnitude (m is NaN when a plain fine-tune does not measure it)
@@ -628,6 +630,56 @@ class ItemEvidence(FilterPolicy):
         self._calls = int(state["calls"])
 
 
+@dataclass
+class Precomputed(FilterPolicy):
+    """Keeps out of the loss the samples a curation pass dropped (launch/curate.py), with no magnitude measured in
+    the loop (no extra forward). Samples are matched by key; the decision is the same on every rank and at every
+    step, and needs no state. Memory: 8 bytes per dropped key.
+
+    Args:
+        decisions: a curation pass's decisions folder (decisions/<name>, holding drop.txt), or a drop list (one
+            key per line, or Parquet with a `key` column).
+    """
+
+    decisions: str = setting(must="a curation pass's decisions folder or its drop.txt, e.g. "
+                                   "filter.decisions=outputs/curate/run1/decisions/calibrated",
+                             check=lambda v: isinstance(v, str) and v != "")
+
+    name = "precomputed"
+    uses_groups = True
+    group_by = ("key",)
+    needs_magnitude = False
+
+    def __post_init__(self):
+        import os
+
+        from memfilter.filtering.protect import read_key_list
+        check_settings(self, "filter.")
+        path = os.path.join(self.decisions, "drop.txt") if os.path.isdir(self.decisions) else self.decisions
+        try:
+            keys = read_key_list(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(str(e).replace("filter.protect.keep_list", "filter.decisions")) from None
+        self._dropped = torch.tensor(sorted({key_group(k) for k in keys}), dtype=torch.long)
+
+    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None):
+        if groups is None:
+            raise ValueError("the precomputed policy needs the key ids of every sample (item_groups with 'key')")
+        keep = ~torch.isin(groups.detach().long().cpu().reshape(len(magnitudes), -1)[:, 0], self._dropped)
+        if eligible is not None:                    # protected (intended) samples are kept, as by every policy
+            keep |= ~eligible.detach().bool().cpu()
+        return keep.to(magnitudes.device)
+
+    def _decide(self, m, t):
+        raise NotImplementedError("Precomputed decides by key in decide()")
+
+
+def key_group(key: str) -> int:
+    """The id of a sample key: 48 bits of its SHA-256, never 0 (as caption_group)."""
+    import hashlib
+    return int(hashlib.sha256(str(key).encode()).hexdigest()[:12], 16) or 1
+
+
 def caption_group(caption: str) -> int:
     """The group id of a caption: 48 bits of its SHA-256 (exact in two float32 halves), never 0."""
     import hashlib
@@ -647,21 +699,25 @@ def image_groups(pixel_values: torch.Tensor, size: int = 8) -> torch.Tensor:
                         dtype=torch.long)
 
 
-def item_groups(group_by: tuple, captions: list[str], pixel_values: torch.Tensor) -> torch.Tensor:
-    """[B, len(group_by)] int64 item ids of a batch: "caption" (caption_group) and/or "image" (image_groups)."""
+def item_groups(group_by: tuple, captions: list[str], pixel_values: torch.Tensor,
+                keys: list[str] | None = None) -> torch.Tensor:
+    """[B, len(group_by)] int64 item ids of a batch: "caption" (caption_group), "image" (image_groups) and/or
+    "key" (key_group: the sample itself)."""
     cols = []
     for kind in group_by:
         if kind == "caption":
             cols.append(torch.tensor([caption_group(c) for c in captions], dtype=torch.long))
         elif kind == "image":
             cols.append(image_groups(pixel_values))
+        elif kind == "key" and keys is not None:
+            cols.append(torch.tensor([key_group(k) for k in keys], dtype=torch.long))
         else:
             raise ValueError(f"filter.group_by: {kind!r} is not an item kind; use caption and/or image")
     return torch.stack(cols, dim=1)
 
 
 POLICIES = {cls.name: cls for cls in (NoFilter, FixedThreshold, BatchQuantile, RunningQuantile, TimestepBucketed,
-                                      CaptionHistory, ItemEvidence)}
+                                      CaptionHistory, ItemEvidence, Precomputed)}
 
 
 def build_policy(name: str, **kwargs) -> FilterPolicy:

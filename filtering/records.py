@@ -1,6 +1,10 @@
 """Per-sample score records: one row per sample per step, in Parquet, written by every rank.
 
-Schema (training and curation alike): step, rank, key, timestep, magnitude, kept, loss.
+Training's schema (SCHEMA): step, rank, key, timestep, magnitude, kept, loss, eligible. The curation pass's
+(CURATION_SCHEMA) shares rank, key, timestep and magnitude (as lists: one value per draw and timestep) and adds
+what a pass over a dataset knows: the chunk, the caption, the mean score, the item ids (caption and image, as
+filtering.policies.item_groups computes them for training), the source's ground truth and a skipped sample's
+reason.
 Each rank appends to memory and flushes a part file `rank-<r>/part-<first>-<last>-<seq>.parquet` named
 by the first and last step it holds (after a truncation, `last` is an upper bound) and a sequence number
 (a step can span several parts). When a killed run resumes from checkpoint S, `truncate_after(S)`
@@ -26,6 +30,21 @@ SCHEMA = pa.schema([
     ("kept", pa.bool_()),
     ("loss", pa.float32()),
     ("eligible", pa.bool_()),     # False where the caption was dropped for guidance: never judged
+])
+CURATION_SCHEMA = pa.schema([
+    ("chunk", pa.int64()),
+    ("index", pa.int64()),                   # position in the source (map-style) or in the shard (webdataset)
+    ("rank", pa.int32()),
+    ("key", pa.string()),
+    ("caption", pa.string()),
+    ("timestep", pa.list_(pa.int32())),      # per draw (x timestep): the timestep scored
+    ("magnitude", pa.list_(pa.float32())),   # per draw (x timestep): m
+    ("score", pa.float32()),                 # mean of magnitude
+    ("caption_id", pa.int64()),
+    ("image_id", pa.int64()),
+    ("dup_group", pa.int64()),               # the source's ground truth (-1: not duplicated)
+    ("skip", pa.string()),                   # null for a scored sample; else why it could not be scored
+    ("skip_detail", pa.string()),
 ])
 _PART = re.compile(r"part-(\d+)-(\d+)-(\d+)\.parquet$")
 

@@ -83,15 +83,16 @@ def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
     try:
         kw = OmegaConf.to_container(data, resolve=True, throw_on_missing=True)
         name = kw.pop("name")
-        if name == "world":
-            return ToyWorldDataset(build_world(data, resolution=resolution, prefix="data"))
         if name == "webdataset":
             shards = kw.pop("shards")
             return WebDatasetSource(shards, seed=seed, **kw)
+        keep = kw.pop("keep_list", None)
+        if name == "world":
+            return _keep_listed(ToyWorldDataset(build_world(data, resolution=resolution, prefix="data")), keep)
         if name in ("imagefolder", "hf"):
             dup = kw.pop("duplication", None) or {}
             source = (ImageFolderSource if name == "imagefolder" else HFSource)(**kw)
-            return _with_duplication(source, dup)
+            return _keep_listed(_with_duplication(source, dup), keep)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key or 'data'} is required: set it on the command line, e.g. "
                           f"data.path=<folder>") from None
@@ -99,6 +100,14 @@ def build_dataset(data: DictConfig, resolution: int, seed: int = 0):
         raise ConfigError(str(e)) from e
     raise ConfigError(f"data.name={data.name!r}: unknown data source; choose "
                       "data=world|imagefolder|hf|webdataset")
+
+
+def _keep_listed(source, keep_list: str | None):
+    """data.keep_list: only the listed keys of a map-style source (train.data.keeplist)."""
+    if not keep_list:
+        return source
+    from memfilter.train.data.keeplist import KeepList, read_keep_list
+    return KeepList(source, read_keep_list(keep_list))
 
 
 def _with_duplication(source, dup: dict):

@@ -5,6 +5,8 @@ conf/*.yaml hold only what differs and a key no dataclass has is an error when H
     settings/optim              train.loop.OptimArgs
     settings/filter/<name>      the filter policy's dataclass (filtering.policies.POLICIES), with its name
     settings/model/tiny         train.families.sd.build_tiny's arguments (the tiny model built from config)
+    settings/curate             the curation pass's score.* (filtering.curate.ScoreArgs) and decide.*
+                                (filtering.curation.DecideArgs)
     settings/data/<name>        the data source's constructor (webdataset, hf, imagefolder) and, for map-style
                                 sources, the duplication plan's (train.data.duplication.make_plan)
 
@@ -47,6 +49,9 @@ def register() -> None:
              node={"family": "sd", **signature_defaults(build_tiny, exclude=("prediction_type", "words"))})
     for name, node in data_nodes().items():
         cs.store(group="settings/data", name=name, node=node)
+    from memfilter.filtering.curate import ScoreArgs
+    from memfilter.filtering.curation import DecideArgs
+    cs.store(group="settings", name="curate", node={"score": defaults(ScoreArgs), "decide": defaults(DecideArgs)})
     _done = True
 
 
@@ -63,8 +68,8 @@ def data_nodes() -> dict[str, dict]:
     return {
         "webdataset": {"name": "webdataset", "shards": "???", **signature_defaults(WebDatasetSource.__init__, runtime)},
         "hf": {"name": "hf", "path": "???", **signature_defaults(HFSource.__init__, runtime), "seed": "${seed}",
-               "duplication": duplication},
+               "duplication": duplication, "keep_list": None},
         "imagefolder": {"name": "imagefolder", "path": "???",
                         **signature_defaults(ImageFolderSource.__init__, runtime), "seed": "${seed}",
-                        "duplication": duplication},
+                        "duplication": duplication, "keep_list": None},
     }

@@ -59,7 +59,7 @@ def run(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, _new_config_path(run_dir), resolve=True)
+        OmegaConf.save(cfg, new_config_path(run_dir), resolve=True)
     accelerator.wait_for_everyone()
 
     policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
@@ -105,11 +105,12 @@ def check_run_dir(run_dir: Path, resume: str | None) -> None:
                           "directory to resume, e.g. output_dir=outputs/train/<run> resume_from_checkpoint=latest")
 
 
-def _new_config_path(run_dir: Path) -> Path:
-    """config.yaml for a new run; a resumed run's config goes beside it (config-resume-<n>.yaml), never over it."""
+def new_config_path(run_dir: Path, again: str = "resume") -> Path:
+    """config.yaml for a new run; a resumed (continued) run's config goes beside it (config-<again>-<n>.yaml),
+    never over it."""
     path, n = run_dir / "config.yaml", 1
     while path.exists():
-        path, n = run_dir / f"config-resume-{n}.yaml", n + 1
+        path, n = run_dir / f"config-{again}-{n}.yaml", n + 1
     return path
 
 

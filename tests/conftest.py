@@ -52,13 +52,17 @@ def train_in_process(tmp_path: Path, overrides: list[str]) -> tuple[Path, dict]:
 
 def launch_cmd(run_dir: Path | None, overrides: list[str], num_processes: int = 1) -> list[str]:
     """Command line of the training app; run_dir=None keeps the default (timestamped) output_dir."""
-    script = str(REPO / "launch" / "train.py")
-    args = _args(run_dir, overrides)
+    return app_cmd("train.py", _args(run_dir, overrides), num_processes)
+
+
+def app_cmd(script: str, args: list[str], num_processes: int = 1) -> list[str]:
+    """Command line of an app of launch/: plain python for one process, `accelerate launch` for more."""
+    path = str(REPO / "launch" / script)
     if num_processes == 1:
-        return [sys.executable, script, *args]
+        return [sys.executable, path, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
             str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", "0", script, *args]
+            "--main_process_port", "0", path, *args]
 
 
 def run_cmd(cmd: list[str], timeout: int = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:

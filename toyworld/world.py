@@ -380,6 +380,10 @@ class ToyWorldDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.world.sample(*self.index[i])
 
+    def key(self, i: int) -> str:
+        """Appearance i's key, without drawing it."""
+        return self.world.key(*self.index[i])
+
 
 class BaseStream(Dataset):
     """`length` fresh items of the "base" split, each once: the base model's training data."""

@@ -279,7 +279,8 @@ class _Run:
                                                                                  torch.float32)
         self.state, self.data_report, self.window = TrainState(), DataReport(), _Window()
         self.epochs_done = 0            # the last epoch whose final micro-batch was consumed (validation_epochs)
-        self.compute_m = policy.name != "none" or args.log_magnitudes
+        # m is measured for a policy that reads it, and for a plain fine-tune's records when log_magnitudes
+        self.compute_m = policy.needs_magnitude or (policy.name == "none" and args.log_magnitudes)
 
     def build_model(self) -> None:
         """Frozen parts in weight_dtype; the UNet (or its LoRA adapters) trains in fp32; EMA; the export copy."""
@@ -343,6 +344,7 @@ class _Run:
     def build_data(self, dataset, optim: OptimArgs) -> None:
         """The feed (train.data.feed), the run length and the lr schedule (a function of data consumed)."""
         args = self.args
+        self.excluded = int(getattr(dataset, "excluded", 0))       # left out by data.keep_list
         self.tokenize = self.family.tokenize_fn()
         collate = CollateForTraining(self.tokenize, ImageTransform(args.resolution, args.interpolation,
                                                                    args.center_crop, args.random_flip, args.seed))
@@ -426,7 +428,7 @@ class _Run:
             pixels, latents, cond, uncond, judged = self._condition(batch, gen, b)
         groups = None
         if self.policy.uses_groups:       # hash only for a policy that reads item ids
-            groups = item_groups(self.policy.group_by, batch["captions"], pixels) if b else \
+            groups = item_groups(self.policy.group_by, batch["captions"], pixels, batch["keys"]) if b else \
                 torch.zeros(1, len(self.policy.group_by), dtype=torch.long)
         last = micro == args.gradient_accumulation_steps - 1
         with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
@@ -515,6 +517,8 @@ class _Run:
         self.validate("final")
         summary = {}
         data_summary = merge_reports([g["report"] for g in self.rank_states.gather()])
+        if self.excluded:
+            data_summary["excluded_by_keep_list"] = self.excluded
         if self.accelerator.is_main_process:
             write_report(self.run_dir / "data_report.json", data_summary)
             if self.ema is not None:

@@ -12,9 +12,11 @@ epoch lengths without opening tars), `duplicates.parquet` (pairs of near/exact d
 A duplication plan (train/data/duplication.py) makes physical copies; entries are then written in a
 seeded random order so copies of one item do not sit next to each other in a shard.
 
-Near-duplicates: 64-bit DCT perceptual hashes, compared all-pairs in blocks with numpy bit operations.
-That is O(n^2), about 1.5e8 pairs/s on one core: 10^5 items take ~30 s, 10^6 about an hour. Beyond that,
-use an index (multi-index hashing, faiss binary indexes) instead of `near_duplicate_pairs`.
+Near-duplicates: 64-bit DCT perceptual hashes, searched with a multi-index hashing index (train/data/neardup.py,
+faiss): exact, the same pairs as the blockwise all-pairs search `near_duplicate_pairs` (kept as the reference,
+O(n^2): ~1 h at 10^6 items), at a cost that grows with the candidates found. The manifest's `cluster` column
+holds each sample's near-duplicate cluster (connected pairs within `near_dup_threshold`), which the curation pass
+uses as an item id.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 
 from memfilter.train.data.duplication import DuplicationPlan, copy_key
 from memfilter.train.data.imagefolder import DataConfigError, MapSource
+from memfilter.train.data.neardup import NearDuplicateIndex, clusters, near_duplicate_pairs_indexed
 from memfilter.train.data.transforms import BadSample, load_image, pick_caption
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -42,7 +45,8 @@ OUTPUT_FILES = ("manifest.parquet", "shards.json", "prep_report.json", "duplicat
 MANIFEST = pa.schema([("key", pa.string()), ("source_key", pa.string()), ("caption", pa.string()),
                       ("source", pa.string()), ("sha256", pa.string()), ("width", pa.int64()),
                       ("height", pa.int64()), ("dup_group", pa.int64()), ("dup_copy", pa.int64()),
-                      ("shard", pa.string()), ("ext", pa.string()), ("phash", pa.string())])
+                      ("shard", pa.string()), ("ext", pa.string()), ("phash", pa.string()),
+                      ("cluster", pa.int64())])
 
 
 def _dct_matrix(n: int = 32) -> np.ndarray:
@@ -244,15 +248,15 @@ class _Skips:
 DEDUP = ("none", "exact", "near")
 
 
-def _dedup_reason(item: dict, written_sha: dict, written_phash: np.ndarray, dedup: str, threshold: int):
-    """(reason, detail) when `item` duplicates a sample already written, else None (pHash: O(written) per item,
-    an all-pairs search like the duplicate report's)."""
+def _dedup_reason(item: dict, written_sha: dict, written: NearDuplicateIndex | None, dedup: str):
+    """(reason, detail) when `item` duplicates a sample already written, else None (pHash: a lookup in the index
+    of the written samples' hashes)."""
     if item["sha256"] in written_sha:
         return "duplicate_exact", f"same bytes as {written_sha[item['sha256']]}"
-    if dedup == "near" and written_phash.size:
-        d = _popcount(written_phash ^ np.uint64(item["phash"]))
-        if int(d.min()) <= threshold:
-            return "duplicate_near", f"pHash within {int(d.min())} bits of an earlier sample"
+    if dedup == "near" and written is not None:
+        hits = written.query(np.array([item["phash"]], dtype=np.uint64))
+        if len(hits):
+            return "duplicate_near", f"pHash within {int(hits[:, 2].min())} bits of an earlier sample"
     return None
 
 
@@ -272,7 +276,7 @@ def _duplicates(keys: list[str], shas: list[str], hashes: list[int], threshold: 
     for k, s in zip(keys, shas):
         by_sha[s].append(k)
     groups = [g for g in by_sha.values() if len(g) > 1]
-    pairs = near_duplicate_pairs(np.array(hashes, dtype=np.uint64), threshold)
+    pairs = near_duplicate_pairs_indexed(np.array(hashes, dtype=np.uint64), threshold)
     sha = np.array(shas, dtype=object)
     exact = np.asarray(sha[pairs[:, 0]] == sha[pairs[:, 1]], dtype=bool)
     near = pairs[~exact]
@@ -281,7 +285,7 @@ def _duplicates(keys: list[str], shas: list[str], hashes: list[int], threshold: 
     report_exact = {"groups": len(groups), "items": sum(len(g) for g in groups), "examples": groups[:max_examples]}
     report_near = {"threshold": threshold, "pairs": len(near), "items": len(np.unique(near[:, :2])),
                    "examples": [{"a": keys[i], "b": keys[j], "hamming": int(d)} for i, j, d in near[:max_examples]],
-                   "method": "64-bit DCT pHash, blockwise all-pairs Hamming (O(n^2): ~1 h at 1e6 items)"}
+                   "method": "64-bit DCT pHash, multi-index hashing (faiss IndexBinaryMultiHash), exact"}
     return report_exact, report_near, table
 
 
@@ -343,11 +347,12 @@ def _write_samples(items, source_name: str, shards: _Shards, skips: _Skips, dedu
     `skips`, the dedup baseline's drops counted by reason). Returns the manifest columns, the pHash of each
     written sample and the dedup counts."""
     rows, phashes, written_keys, written_sha, deduped = defaultdict(list), [], set(), {}, Counter()
+    index = NearDuplicateIndex(threshold) if dedup == "near" else None
     for item in items:
         if item["skip"] is None and item["key"] in written_keys:
             item["skip"] = ("duplicate_key", f"{item['key']} (after replacing '.' by '_') is already written")
         if item["skip"] is None and dedup != "none":
-            reason = _dedup_reason(item, written_sha, np.array(phashes, dtype=np.uint64), dedup, threshold)
+            reason = _dedup_reason(item, written_sha, index, dedup)
             if reason:                              # every appearance counts (a bad input counts once per item)
                 deduped[reason[0]] += 1
                 continue
@@ -360,9 +365,11 @@ def _write_samples(items, source_name: str, shards: _Shards, skips: _Skips, dedu
         shard = shards.write(_tar_sample(item, source_name))
         row = {**item, "key": key, "source": source_name, "dup_group": item["group"], "dup_copy": item["copy"],
                "shard": shard, "phash": f"{item['phash']:016x}"}
-        for col in MANIFEST.names:
+        for col in MANIFEST.names[:-1]:                    # the cluster is known once every sample is written
             rows[col].append(row[col])
         phashes.append(item["phash"])
+        if index is not None:
+            index.add(np.array([item["phash"]], dtype=np.uint64))
     return rows, phashes, deduped
 
 
@@ -381,6 +388,8 @@ def _tar_sample(item: dict, source_name: str) -> dict:
 def _write_index(out: Path, rows: dict, phashes: list[int], shard_counts: dict[str, int], threshold: int,
                  max_examples: int) -> tuple[dict, dict]:
     """manifest.parquet, shards.json and duplicates.parquet; returns the exact and near duplicate reports."""
+    hashes = np.array(phashes, dtype=np.uint64)
+    rows["cluster"] = clusters(len(hashes), near_duplicate_pairs_indexed(hashes, threshold)).tolist()
     pq.write_table(pa.table({c: rows[c] for c in MANIFEST.names}, schema=MANIFEST), out / "manifest.parquet")
     (out / "shards.json").write_text(json.dumps(shard_counts, indent=1))
     firsts = [n for n, c in enumerate(rows["dup_copy"]) if c == 0]     # distinct source items

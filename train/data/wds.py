@@ -89,12 +89,15 @@ class WebDatasetSource(IterableDataset):
             counts file. Default: the total count of the shards.
         counts_file: a shards.json with samples per shard. Default: <shard dir>/shards.json, else a scan.
         min_size, max_pixels: image limits (see load_image). Defaults 0 and load_image's.
+        keep_list: a file of the keys to use (one per line, or Parquet with a `key` column; e.g. a curation
+            pass's keep.txt); the others are left out and counted in `excluded`. Default None: every key.
     """
 
     def __init__(self, urls, batch_size: int | None = None, collate=None, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0,
                  shuffle_buffer: int = 1000, resampled: bool = False, samples_per_epoch: int | None = None,
-                 counts_file: str | None = None, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 counts_file: str | None = None, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 keep_list: str | None = None):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ValueError("data.shards matches no shard: give paths, a brace pattern like "
@@ -109,6 +112,17 @@ class WebDatasetSource(IterableDataset):
         self.min_size = min_size
         self.max_pixels = max_pixels
         self.counts = None if (samples_per_epoch and resampled) else shard_counts(self.urls, counts_file)
+        self.keep, self.excluded = None, 0
+        if keep_list and any(u.startswith("pipe:") for u in self.urls):
+            raise ValueError("data.keep_list with pipe: URLs: the kept keys per shard cannot be counted without "
+                             "reading the shards; write the kept samples as shards instead (memfilter-curate "
+                             "write_shards=true) and train on those")
+        if keep_list:                 # only the listed keys: the epoch counts them alone (train.data.keeplist)
+            from memfilter.train.data.keeplist import kept_counts, read_keep_list
+            self.keep = read_keep_list(keep_list)
+            kept = kept_counts([u for u in self.urls if not u.startswith("pipe:")], self.keep)
+            self.excluded = sum((self.counts or {}).get(u, 0) - n for u, n in kept.items())
+            self.counts = kept
         self.samples_per_epoch = samples_per_epoch
         self.epoch = 0
         self.start_batch = 0                    # batches of this epoch already consumed (resume)
@@ -208,6 +222,8 @@ class WebDatasetSource(IterableDataset):
             if position <= resume_at:                    # fast-forward: tar reading only, no decoding
                 seen_keys.add(key)
                 continue
+            if self.keep is not None and key not in self.keep:   # data.keep_list: counted in `excluded`
+                continue
             try:
                 if key in seen_keys and not refill and not self.resampled:   # resampled: repeats are by design
                     raise BadSample("duplicate_key", str(raw.get("__url__", "")))
@@ -235,10 +251,40 @@ class WebDatasetSource(IterableDataset):
         pipeline = wds.DataPipeline(lambda: iter({"url": u} for u in self.urls),
                                     wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
         for raw in pipeline:
+            if self.keep is not None and raw.get("__key__") not in self.keep:
+                continue
             try:
                 yield self._decode(raw)
             except BadSample as e:
                 yield skip_record(raw.get("__key__", "?"), e.reason, e.detail)
+
+    def shard_samples(self, url: str) -> Iterator[dict]:
+        """Every sample of one shard in order, decoded (a bad one, a repeated key or an unreadable tar member as a
+        skip record with its reason), whatever the keep-list: for passes over a dataset (curation)."""
+        from memfilter.train.data.collate import skip_record
+
+        errors: list = []
+        seen: set = set()
+        pipeline = wds.DataPipeline(lambda: iter([{"url": url}]),
+                                    wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
+
+        def tar_errors():
+            while errors:
+                e = errors.pop(0)
+                yield skip_record(str(e.args[-1]) if e.args else url, "tar_error", f"{type(e).__name__}: {e}")
+
+        for raw in pipeline:
+            yield from tar_errors()
+            key = raw.get("__key__", "?")
+            if key in seen:
+                yield skip_record(key, "duplicate_key", url)
+                continue
+            seen.add(key)
+            try:
+                yield self._decode(raw)
+            except BadSample as e:
+                yield skip_record(key, e.reason, e.detail)
+        yield from tar_errors()
 
     def _decode(self, raw: dict) -> dict:
         key = raw["__key__"]

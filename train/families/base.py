@@ -118,10 +118,13 @@ class Family:
 
     # --- images ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] -> float32 latents [B, C, h, w] as the denoiser sees them."""
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None, *,
+                      sample: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> float32 latents [B, C, h, w] as the denoiser sees them: drawn from the VAE's
+        posterior with `generator`, or its mean (sample=False: deterministic, as the curation pass scores)."""
         vae = self.c.vae
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample(generator).float()
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        latents = (dist.sample(generator) if sample else dist.mode()).float()
         shift = vae.config.get("shift_factor", None)
         if shift is not None:
             latents = latents - shift
