@@ -643,7 +643,7 @@ class Precomputed(FilterPolicy):
 
     decisions: str = setting(must="a curation pass's decisions folder or its drop.txt, e.g. "
                                    "filter.decisions=outputs/curate/run1/decisions/calibrated",
-                             check=lambda v: isinstance(v, str) and v != "")
+                             check=lambda v: isinstance(v, str) and v not in ("", "???"))
 
     name = "precomputed"
     uses_groups = True

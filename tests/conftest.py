@@ -33,6 +33,15 @@ TINY = ["model=tiny", "logger=none", "train_batch_size=4", "max_train_steps=4", 
         "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]", "model.tiny.vae_channels=[32,32]"]
 
 
+def required_overrides(option: str, tmp_path: Path) -> list[str]:
+    """What a config option needs besides its defaults to pass its checks (e.g. filter=precomputed: a pass's
+    decisions), made in tmp_path."""
+    if option == "filter=precomputed":
+        (tmp_path / "drop.txt").write_text("world-000000-000\n")
+        return [f"filter.decisions={tmp_path / 'drop.txt'}"]
+    return []
+
+
 WORLD = ["data.num_unique=8", "data.num_duplicated=2", "data.repeats=4", "data.any_model=true"]
 
 

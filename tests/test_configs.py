@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 
 from memfilter.filtering.records import read_records
 from memfilter.launch.config_check import ConfigError, check_train_config
-from tests.conftest import REPO, compose, launch_cmd, run_cmd, train_in_process
+from tests.conftest import REPO, compose, launch_cmd, required_overrides, run_cmd, train_in_process
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("model", "data", "filter", "optim", "logger", "experiment")}
@@ -16,13 +16,14 @@ NEEDS_WEIGHTS = {"wen2024"}          # SD v1.4 from the hub and a GPU: composed 
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
-def test_every_config_composes_and_checks(group, option):
-    cfg = compose([f"{group}={option}"])
+def test_every_config_composes_and_checks(group, option, tmp_path):
+    required = required_overrides(f"{group}={option}", tmp_path)
+    cfg = compose([f"{group}={option}", *required])
     if cfg.data.name == "world" and str(cfg.model.pretrained or "builtin:").split(":")[0] != "builtin":
         # a real model on the default data (the toy world) is refused, naming data; on purpose it composes
         with pytest.raises(ConfigError, match=r"^data: model\.pretrained="):
             check_train_config(cfg, cuda_available=True)
-        cfg = compose([f"{group}={option}", "data.any_model=true"])
+        cfg = compose([f"{group}={option}", "data.any_model=true", *required])
     check_train_config(cfg, cuda_available=True)
 
 

@@ -101,16 +101,27 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, data):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("optim.learning_rate=-1", "optim.learning_rate=-1"),
-    ("filter.k=abc", "filter.k"),
-    ("optim.lerning_rate=1e-4", "lerning_rate"),
-    ("filter=nonexistent", "filter"),
+    ("optim.learning_rate=-1", "optim.learning_rate=-1"),        # a value the settings' check refuses
+    ("filter=nonexistent", "filter"),                            # an option Hydra cannot compose
 ])
 def test_bad_override_stops_at_start_naming_the_key(tmp_path, override, expected):
+    """The app as a process: exit status 2 and the key named, nothing written. (More bad values are checked in
+    process by tests/test_settings.py.)"""
     proc = run_cmd(launch_cmd(tmp_path / "run", [override]), timeout=120)
     assert proc.returncode != 0
     assert expected in proc.stderr
-    assert not (tmp_path / "run" / "checkpoint-2").exists()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, expected", [("filter.k=abc", "filter.k"),
+                                                ("optim.lerning_rate=1e-4", "lerning_rate")])
+def test_bad_override_is_named_at_compose_or_check(override, expected):
+    from hydra.errors import HydraException
+
+    from memfilter.launch.config_check import ConfigError, check_train_config
+    from tests.conftest import compose
+    with pytest.raises((ConfigError, HydraException), match=expected):
+        check_train_config(compose([override]), cuda_available=False)
 
 
 def test_two_process_streaming_resume_with_a_bad_sample_on_one_rank(tmp_path):

@@ -12,7 +12,7 @@ from memfilter.launch.diffusers_flags import translate
 from tests.conftest import REPO, compose
 
 APPS = {"train": "train", "train.sbatch": "train", "demo": "demo", "prepare": "prepare", "evaluate": "evaluate",
-        "detect": "detect", "build_world_base": "build_world_base"}
+        "detect": "detect", "build_world_base": "build_world_base", "curate": "curate"}
 
 
 def readme_commands() -> list[str]:
@@ -22,7 +22,7 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         out += [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip() and not c.startswith("#")]
     out += re.findall(r"`((?:python|accelerate launch) launch/[^`]+)`", text)
-    return [c for c in out if re.search(r"launch/(\w+)\.py|launch/slurm/train\.sbatch", c)]
+    return [c for c in out if re.search(r"launch/(\w+)\.py|launch/slurm/train\.sbatch|^memfilter-\w+", c)]
 
 
 def _app_and_args(command: str) -> list[tuple[str, list[str]]]:
@@ -30,7 +30,7 @@ def _app_and_args(command: str) -> list[tuple[str, list[str]]]:
     for part in command.split("&&"):
         words = shlex.split(part, comments=True)
         for i, w in enumerate(words):
-            m = re.search(r"launch/(?:slurm/)?(\w+(?:\.sbatch)?)(?:\.py)?$", w)
+            m = re.search(r"(?:launch/(?:slurm/)?|^memfilter-)(\w+(?:\.sbatch)?)(?:\.py)?$", w)
             if m and m.group(1) in APPS:
                 found.append((APPS[m.group(1)], words[i + 1:]))
                 break

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from memfilter.launch.config_check import ConfigError, check_train_config, train_args
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, required_overrides
 
 FILTERS = sorted(p.stem for p in (REPO / "conf" / "filter").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -31,9 +31,9 @@ def _reaches(cfg, args, optim) -> None:
 
 
 @pytest.mark.parametrize("name", FILTERS)
-def test_every_filter_key_reaches_its_policy(name):
+def test_every_filter_key_reaches_its_policy(name, tmp_path):
     from memfilter.launch.builders import build_filter
-    cfg = compose([f"filter={name}"])
+    cfg = compose([f"filter={name}", *required_overrides(f"filter={name}", tmp_path)])
     check_train_config(cfg, cuda_available=False)
     policy = build_filter(cfg.filter, num_train_timesteps=1000)
     assert policy.name == name

@@ -207,7 +207,7 @@ def test_construction_errors_name_the_field(tmp_path):
 
 @pytest.mark.parametrize("name", ["imagefolder", "hf"])
 def test_data_configs_match_the_constructors(tmp_path, name):
-    """Every key of conf/data/<name>.yaml (but name and duplication) is a constructor argument."""
+    """Every key of conf/data/<name>.yaml (but name, duplication and keep_list) is a constructor argument."""
     from omegaconf import OmegaConf
 
     from tests.conftest import compose
@@ -222,6 +222,7 @@ def test_data_configs_match_the_constructors(tmp_path, name):
     kwargs = OmegaConf.to_container(cfg.data, resolve=True)
     assert kwargs.pop("name") == name
     dup = kwargs.pop("duplication")
+    assert kwargs.pop("keep_list") is None                  # applied by the builder around any source
     src = (HFSource if name == "hf" else ImageFolderSource)(**kwargs)
     assert len(src) == 8 + (name == "imagefolder") * 2
     dup.pop("caption_file")
