@@ -178,8 +178,7 @@ class Scorer:
         """{"timestep": [B, K], "magnitude": [B, K]} numpy arrays of a collated batch."""
         b = len(batch["keys"])
         fam, dev = self.family, self.dev
-        pixels = batch["pixel_values"].to(dev, self.dtype)
-        latents = fam.encode_images(pixels, sample=False)
+        latents = fam.encode_images(batch["pixel_values"].to(dev), sample=False)
         text = fam.encode_text({k: batch[k].to(dev) for k in self.tokenizers})
         sizes = {"resolution": self.resolution, "original_sizes": batch["original_sizes"],
                  "crop_top_lefts": batch["crop_top_lefts"]}

@@ -2,7 +2,8 @@
 
     accelerate launch launch/curate.py model.pretrained=<dir or hub id> data=webdataset \\
         'data.shards="/data/shards/shard-{000000..000099}.tar"' output_dir=/data/curate/run1
-    memfilter-curate model.pretrained=outputs/train/<run> unet=outputs/train/<run>/checkpoint-500 data=... output_dir=...
+    memfilter-curate model.pretrained=outputs/train/<run> unet=outputs/train/<run>/checkpoint-500 \\
+        data=imagefolder data.path=<folder> output_dir=<dir>
 
 Writes into output_dir: plan.json, parts/ (one Parquet part per chunk), then on rank 0 scores.parquet,
 completeness.json and decisions/<name>/ (keep.txt, drop.txt, decisions.parquet, report.md/json, figures, and shards
@@ -65,9 +66,9 @@ def load_scoring_model(cfg: DictConfig):
         cls = getattr(diffusers, FAMILIES[c.family].component_classes["unet"])
         c.unet = cls.from_pretrained(str(path), subfolder=sub)
         scored_by["unet"] = str(path / sub) if sub else str(path)
-    scored_by["question"] = ("what this fine-tune started to memorize (a checkpoint of a fine-tune on this data)"
-                             if cfg.unet else "what this model memorized (give unet=<checkpoint> to score a fine-tune's "
-                             "checkpoint instead)")
+    scored_by["question"] = (
+        "what this fine-tune started to memorize (a checkpoint of a fine-tune on this data)" if cfg.unet else
+        "what this model memorized (give unet=<checkpoint> to score a fine-tune's checkpoint instead)")
     return c, scored_by
 
 

@@ -395,7 +395,7 @@ class _Run:
     def _condition(self, batch: dict, gen: torch.Generator, b: int):
         """Latents, conditioning and the judged mask of a micro-batch, through the family (no grad)."""
         dev, args, family = self.dev, self.args, self.family
-        pixels = batch["pixel_values"].to(dev, self.weight_dtype)
+        pixels = batch["pixel_values"].to(dev)          # uint8; the family makes the VAE's range and dtype
         latents = family.encode_images(pixels, gen)                         # [n, C, h, w] float32
         n = latents.shape[0]
         dropped = torch.rand(n, generator=gen, device=dev) < args.proportion_empty_prompts

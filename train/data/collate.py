@@ -1,6 +1,7 @@
 """Samples -> training batch.
 
-Batch: pixel_values [B,3,H,W] in [-1,1], the family's token ids ([B,L] each: input_ids, SDXL's input_ids_2),
+Batch: pixel_values [B,3,H,W] uint8 (the family's encode_images makes the VAE's [-1,1]), the family's token ids
+([B,L] each: input_ids, SDXL's input_ids_2),
 original_sizes and crop_top_lefts [B,2] (SDXL's time ids), keys, captions, dup_group [B], and skipped:
 the (key, reason, detail) of samples the source marked bad, so the training process can count them.
 A source marks a bad sample by returning {"key": ..., "skip": reason, "detail": ...} instead of a Sample.
@@ -39,7 +40,7 @@ class CollateForTraining:
     Args:
         tokenize: the model family's Tokenize (train.families: captions -> token ids by name), or one tokenizer
             (its ids become input_ids).
-        transform: ImageTransform (resize, crop, flip, normalise); its randomness uses meta["epoch"].
+        transform: ImageTransform (resize, crop, flip; uint8 out); its randomness uses meta["epoch"].
     """
 
     def __init__(self, tokenize, transform: ImageTransform):
@@ -61,7 +62,8 @@ class CollateForTraining:
         captions = [g[0]["caption"] for g in good]
         res = self.transform.resolution
         return {
-            "pixel_values": torch.stack([g[1] for g in good]) if good else torch.zeros(0, 3, res, res),
+            "pixel_values": (torch.stack([g[1] for g in good]) if good
+                             else torch.zeros(0, 3, res, res, dtype=torch.uint8)),
             **self.tokenize(captions),
             "original_sizes": torch.tensor([g[2] for g in good], dtype=torch.long).reshape(-1, 2),
             "crop_top_lefts": torch.tensor([g[3] for g in good], dtype=torch.long).reshape(-1, 2),

@@ -128,8 +128,17 @@ def pick_caption(value, *, seed: int = 0, epoch: int = 0, key: str = "") -> str:
     return value.strip()
 
 
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Batch pixels as the VAE takes them: uint8 [0, 255] -> float32 [-1, 1] (a float tensor is taken to be in
+    [-1, 1] already). Bitwise what the transform computed in the workers before it passed uint8."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return pixels.float() / 127.5 - 1.0
+
+
 class ImageTransform:
-    """RGB PIL image -> [3, H, W] float tensor in [-1, 1] (resize short side, crop, optional flip).
+    """RGB PIL image -> [3, H, W] uint8 tensor (resize short side, crop, optional flip); `to_model_range` makes
+    the [-1, 1] floats on the device.
 
     Args:
         resolution: output size (square).
@@ -169,6 +178,8 @@ class ImageTransform:
         if self.random_flip and rng_for(self.seed, epoch, key, "flip").random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             left = w - left - r                       # the crop's left edge in the flipped image
-        arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)         # [3, H, W]
-        # numpy, not torch, for the layout change: torch's intra-op threads make this small copy slow
-        return torch.from_numpy(np.ascontiguousarray(arr) / 127.5 - 1.0), original, (top, left)
+        # uint8 through the dataloader workers (a quarter of the float bytes, no float work there); the model's
+        # range is made on the device (to_model_range). numpy, not torch, for the layout change: torch's
+        # intra-op threads make this small copy slow
+        arr = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)           # [3, H, W]
+        return torch.from_numpy(np.ascontiguousarray(arr)), original, (top, left)

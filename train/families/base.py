@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from memfilter.filtering.conditioning import expand
 from memfilter.train.data.collate import Tokenize
+from memfilter.train.data.transforms import to_model_range
 from memfilter.train.models import Components
 
 
@@ -120,10 +121,11 @@ class Family:
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None, *,
                       sample: bool = True) -> torch.Tensor:
-        """[B, 3, H, W] in [-1, 1] -> float32 latents [B, C, h, w] as the denoiser sees them: drawn from the VAE's
-        posterior with `generator`, or its mean (sample=False: deterministic, as the curation pass scores)."""
+        """[B, 3, H, W] uint8 (as the collate passes them) or floats in [-1, 1] -> float32 latents [B, C, h, w] as the
+        denoiser sees them: drawn from the VAE's posterior with `generator`, or its mean (sample=False:
+        deterministic, as the curation pass scores)."""
         vae = self.c.vae
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        dist = vae.encode(to_model_range(pixels).to(vae.dtype)).latent_dist
         latents = (dist.sample(generator) if sample else dist.mode()).float()
         shift = vae.config.get("shift_factor", None)
         if shift is not None:
