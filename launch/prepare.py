@@ -23,7 +23,7 @@ from memfilter.launch.config_check import ConfigError, check_value, is_int  # no
 KINDS = ("imagefolder", "table", "hf", "world")
 _RULES = [
     ("input.kind", lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
-    ("input.min_size", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    ("input.min_size", lambda v: v is None or (is_int(v) and v >= 0), "null or an integer >= 0"),
     ("input.max_pixels", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("output_dir", lambda v: isinstance(v, str) and v, "a folder, e.g. output_dir=data/shards"),
     ("shard_size", lambda v: is_int(v) and v >= 1, "an integer >= 1, e.g. shard_size=1000"),
@@ -48,7 +48,9 @@ def build_input(inp: DictConfig):
     from memfilter.train.data.hf import HFSource
     from memfilter.train.data.imagefolder import ImageFolderSource
 
-    common = dict(min_size=inp.min_size, max_pixels=inp.max_pixels, config_prefix="input")
+    common = dict(max_pixels=inp.max_pixels, config_prefix="input")
+    if inp.min_size is not None:
+        common["min_size"] = inp.min_size
     if inp.kind == "imagefolder":
         return ImageFolderSource(inp.path, caption_column=inp.caption_column, **common)
     return HFSource(inp.path, format=inp.format, split=inp.split, image_column=inp.image_column,

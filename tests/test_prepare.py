@@ -162,7 +162,7 @@ def test_resize_and_table_input(tmp_path):
     root.mkdir()
     smooth(0, (64, 48)).save(root / "a.jpg", quality=90)
     smooth(1, (48, 64)).save(root / "b.png")
-    smooth(2, (12, 12)).save(root / "c.jpg")
+    smooth(2, (16, 16)).save(root / "c.jpg")
     pq.write_table(pa.table({"file": ["a.jpg", "b.png", "c.jpg", "gone.jpg"], "caption": ["A", "B", "C", "G"]}),
                    root / "pairs.parquet")
     src = HFSource(str(root / "pairs.parquet"), image_column="file", caption_column="caption",

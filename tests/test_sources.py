@@ -113,8 +113,8 @@ def test_imagefolder_sidecars_and_every_bad_kind(tmp_path):
     assert skipped == expected["skipped"]
     assert good["sub/g2"]["meta"]["dup_group"] == 4 and good["g0"]["meta"]["dup_group"] == -1
     assert np.array_equal(np.asarray(good["g0"]["image"]), np.asarray(Image.open(tmp_path / "g0.jpg").convert("RGB")))
-    # without the size limits, tiny and big are good samples
-    good, _ = split(ImageFolderSource(tmp_path))
+    # without the size limits (min_size=0; the default max_pixels), tiny and big are good samples
+    good, _ = split(ImageFolderSource(tmp_path, min_size=0))
     assert {"tiny", "big"} <= set(good)
 
 
@@ -228,3 +228,14 @@ def test_data_configs_match_the_constructors(tmp_path, name):
     dup.pop("caption_file")
     plan = make_plan(dup.pop("protocol"), len(src), **dup)
     assert len(plan) == len(src) + round(len(src) / 2)
+
+
+def test_degenerate_images_are_skipped_by_default_and_the_worlds_pass(tmp_path):
+    """min_size defaults to 16 px: a 1x1 or 8x12 image is a counted `too_small` skip, the toy world's 16 px and
+    larger images are used."""
+    for name, size in (("dot", (1, 1)), ("thin", (8, 12)), ("world", (16, 16)), ("photo", (40, 32))):
+        smooth(3, size).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(f"a {name}")
+    src = ImageFolderSource(tmp_path)
+    got = {src.key(i): src[i].get("skip") for i in range(len(src))}
+    assert got == {"dot": "too_small", "thin": "too_small", "world": None, "photo": None}

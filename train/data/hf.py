@@ -14,7 +14,8 @@ import datasets
 from PIL import Image
 
 from memfilter.train.data.imagefolder import DataConfigError, MapSource, RawRecord, as_group
-from memfilter.train.data.transforms import DEFAULT_MAX_PIXELS, BadSample, pick_caption
+from memfilter.train.data.transforms import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE,
+                                              BadSample, pick_caption)
 
 FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -92,7 +93,7 @@ class HFSource(MapSource):
         key_prefix: prefix of index keys. Default None (the split name).
         dup_group_column: column with duplicate-group ids (-1 or null: not duplicated). Default None.
         image_root: folder against which relative image paths are resolved. Default None: `path`'s folder.
-        min_size: shorter side below which an image is skipped ("too_small"). Default 0.
+        min_size: shorter side below which an image is skipped ("too_small"). Default 16 (DEFAULT_MIN_SIZE).
         max_pixels: pixel count above which an image is skipped ("too_large"). Default 16384^2.
         seed: seed of the per-epoch caption choice. Default 0.
         cache_dir: Arrow cache of `load_dataset`. Default None (the HF cache).
@@ -106,7 +107,7 @@ class HFSource(MapSource):
     def __init__(self, path: str | None = None, format: str | None = None, data_files=None, split: str = "train",
                  image_column: str = "image", caption_column: str = "text", key_column: str | None = None,
                  key_prefix: str | None = None, dup_group_column: str | None = None, image_root: str | None = None,
-                 min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
+                 min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0,
                  cache_dir: str | None = None, config_name: str | None = None,
                  dataset: datasets.Dataset | None = None, config_prefix: str = "data"):
         super().__init__(min_size, max_pixels, seed)

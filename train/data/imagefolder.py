@@ -24,7 +24,8 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from memfilter.train.data.collate import skip_record
-from memfilter.train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
+from memfilter.train.data.transforms import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTS,
+                                              BadSample, load_image, pick_caption)
 
 log = logging.getLogger("memfilter.data")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -67,14 +68,14 @@ class MapSource(Dataset):
     does): workers copy the dataset when they start.
 
     Args:
-        min_size: shorter image side below which an image is skipped as "too_small". Default 0.
+        min_size: shorter image side below which an image is skipped as "too_small". Default 16 (DEFAULT_MIN_SIZE).
         max_pixels: pixel count above which an image is skipped as "too_large". Default 16384^2.
         seed: seed of the per-epoch caption choice when an item has several captions. Default 0.
     """
 
     source_name = "map"
 
-    def __init__(self, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
+    def __init__(self, min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0):
         self.min_size, self.max_pixels, self.seed = int(min_size), int(max_pixels), int(seed)
         self.epoch = 0
 
@@ -159,7 +160,7 @@ class ImageFolderSource(MapSource):
         path: the folder (config field `<config_prefix>.path`).
         caption_column: metadata column holding the caption; "text" and "caption" are tried after it.
             Default "text".
-        min_size: shorter side below which an image is skipped ("too_small"). Default 0.
+        min_size: shorter side below which an image is skipped ("too_small"). Default 16 (DEFAULT_MIN_SIZE).
         max_pixels: pixel count above which an image is skipped ("too_large"). Default 16384^2.
         seed: seed of the per-epoch choice among several captions. Default 0.
         config_prefix: the config block named in error messages. Default "data".
@@ -167,7 +168,7 @@ class ImageFolderSource(MapSource):
 
     source_name = "imagefolder"
 
-    def __init__(self, path: str | Path, caption_column: str = "text", min_size: int = 0,
+    def __init__(self, path: str | Path, caption_column: str = "text", min_size: int = DEFAULT_MIN_SIZE,
                  max_pixels: int = DEFAULT_MAX_PIXELS, seed: int = 0, config_prefix: str = "data"):
         super().__init__(min_size, max_pixels, seed)
         root = Path(path).expanduser()

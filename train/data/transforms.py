@@ -19,6 +19,9 @@ from PIL import Image, ImageOps
 
 # A finite guard against decompression bombs (PIL's default is ~89M; SD data rarely exceeds 16k x 16k).
 DEFAULT_MAX_PIXELS = 16384 * 16384
+# shorter sides below this are skipped ("too_small"): 1x1 tracking pixels, icons and thumbnails in scraped data,
+# while the toy world's 16 px images pass. Every source takes it as its min_size default.
+DEFAULT_MIN_SIZE = 16
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -55,7 +58,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(data: bytes | str | Path | Image.Image, *, min_size: int = 0,
+def load_image(data: bytes | str | Path | Image.Image, *, min_size: int = DEFAULT_MIN_SIZE,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes (or a file) to an upright RGB image, or raise BadSample.
 
@@ -64,7 +67,7 @@ def load_image(data: bytes | str | Path | Image.Image, *, min_size: int = 0,
 
     Args:
         data: encoded bytes, a path or a PIL image.
-        min_size: reject images whose shorter side is below this (reason "too_small"). Default 0.
+        min_size: reject images whose shorter side is below this (reason "too_small"). Default 16 px.
         max_pixels: reject images with more pixels (reason "too_large"). Default 16384^2.
     """
     if isinstance(data, Image.Image):

@@ -30,7 +30,8 @@ import braceexpand
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from memfilter.train.data.transforms import DEFAULT_MAX_PIXELS, IMAGE_EXTS, BadSample, load_image, pick_caption
+from memfilter.train.data.transforms import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTS,
+                                              BadSample, load_image, pick_caption)
 
 CAPTION_KEYS = ("txt", "caption", "json")
 
@@ -88,7 +89,7 @@ class WebDatasetSource(IterableDataset):
         samples_per_epoch: epoch length in samples over all ranks; required with pipe: URLs and no
             counts file. Default: the total count of the shards.
         counts_file: a shards.json with samples per shard. Default: <shard dir>/shards.json, else a scan.
-        min_size, max_pixels: image limits (see load_image). Defaults 0 and load_image's.
+        min_size, max_pixels: image limits (see load_image). Defaults load_image's (16 px, 16384^2 pixels).
         keep_list: a file of the keys to use (one per line, or Parquet with a `key` column; e.g. a curation
             pass's keep.txt); the others are left out and counted in `excluded`. Default None: every key.
     """
@@ -96,7 +97,7 @@ class WebDatasetSource(IterableDataset):
     def __init__(self, urls, batch_size: int | None = None, collate=None, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0,
                  shuffle_buffer: int = 1000, resampled: bool = False, samples_per_epoch: int | None = None,
-                 counts_file: str | None = None, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 counts_file: str | None = None, min_size: int = DEFAULT_MIN_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
                  keep_list: str | None = None):
         self.urls = expand_urls(urls)
         if not self.urls:
