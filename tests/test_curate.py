@@ -244,3 +244,13 @@ def test_keep_list_and_precomputed_drop_exactly_the_chosen_keys_in_training(worl
         from memfilter.launch.config_check import check_train_config
         check_train_config(compose(["filter=precomputed", f"filter.decisions={tmp_path / 'nope'}"]),
                            cuda_available=False)
+
+
+def test_an_sdxl_model_scores_through_the_same_seam(world, tmp_path):
+    """The pass conditions through the model family: SDXL's two text encoders, pooled embeddings and time ids."""
+    args = [a for a in _overrides(world, tmp_path / "x") if not a.startswith("model.pretrained")]
+    from memfilter.launch.curate import run
+    summary = run(compose([*args, "model=tiny_sdxl", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
+                           "model.tiny.vae_channels=[32,32]"], config_name="curate"))
+    assert summary["completeness"]["scored"] == N_ITEMS - 1
+    assert np.isfinite(np.stack(_scores(tmp_path / "x").magnitude)).all()
