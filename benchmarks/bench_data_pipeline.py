@@ -97,7 +97,7 @@ def write_shards(folder: Path, n: int, n_shards: int, size: int, quality: int, s
     with tqdm(total=n, desc="writing shards", leave=False) as bar:
         for s, count in enumerate(per):
             name = f"shard-{s:06d}.tar"
-            with wds.TarWriter(str(folder / name)) as w:
+            with wds.TarWriter(str(folder / name), mtime=0) as w:   # integer mtime, as prep writes: no pax headers
                 for _ in range(count):
                     caption = " ".join(rng.choice(DEFAULT_WORDS, int(rng.integers(8, 17))))
                     w.write({"__key__": f"{i:07d}", "jpg": photo_like_jpeg(rng, size, quality), "txt": caption,

@@ -101,7 +101,8 @@ def write_kept_shards(urls: list[str], keys: set[str], out, shard_size: int = 10
                 if writer is not None:
                     writer.close()
                 name = SHARD_PATTERN % len(counts)
-                writer, counts[name] = wds.TarWriter(str(out / name)), 0
+                # mtime 0 as prep writes: the same bytes every time, and no per-member pax header to parse
+                writer, counts[name] = wds.TarWriter(str(out / name), encoder=False, mtime=0), 0
             writer.write({k: v for k, v in raw.items() if k == "__key__" or not k.startswith("__")})
             counts[name] += 1
             for col, v in (("key", raw["__key__"]), ("shard", name), ("source_shard", url)):

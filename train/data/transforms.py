@@ -97,7 +97,8 @@ def load_image(data: bytes | str | Path | Image.Image, *, min_size: int = DEFAUL
 
 
 def _upright_rgb(image: Image.Image, min_size: int) -> Image.Image:
-    image = ImageOps.exif_transpose(image) or image
+    if image.getexif().get(0x0112, 1) != 1:        # an EXIF orientation: turn it upright (otherwise no copy)
+        image = ImageOps.exif_transpose(image)
     if min(image.size) < max(1, min_size):
         raise BadSample("too_small", f"{image.size[0]}x{image.size[1]} < {min_size}")
     return to_rgb(image)
@@ -177,12 +178,15 @@ class ImageTransform:
         else:
             rng = rng_for(self.seed, epoch, key, "crop")
             left, top = rng.randint(0, w - r), rng.randint(0, h - r)
-        image = image.crop((left, top, left + r, top + r))
+        if (w, h) != (r, r):                        # crop() copies even when the box is the whole image
+            image = image.crop((left, top, left + r, top + r))
         if self.random_flip and rng_for(self.seed, epoch, key, "flip").random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             left = w - left - r                       # the crop's left edge in the flipped image
         # uint8 through the dataloader workers (a quarter of the float bytes, no float work there); the model's
-        # range is made on the device (to_model_range). numpy, not torch, for the layout change: torch's
-        # intra-op threads make this small copy slow
-        arr = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)           # [3, H, W]
-        return torch.from_numpy(np.ascontiguousarray(arr)), original, (top, left)
+        # range is made on the device (to_model_range). A [3, H, W] view of the HWC pixels: the collate's stack
+        # makes the one copy into the batch
+        with warnings.catch_warnings():            # PIL's array is read-only; nothing writes to the view
+            warnings.simplefilter("ignore", UserWarning)
+            pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1)
+        return pixels, original, (top, left)
