@@ -143,7 +143,7 @@ def test_duplicated_dataset_keys_meta_and_captions():
 
 def test_duplicated_imagefolder_uses_caption_lookup(tmp_path):
     for i in range(6):
-        smooth(i, (8, 8)).save(tmp_path / f"im{i}.png")
+        smooth(i, (16, 16)).save(tmp_path / f"im{i}.png")
         (tmp_path / f"im{i}.txt").write_text(f"cap {i}")
     src = ImageFolderSource(tmp_path)
     plan = wen_plan(len(src), num_duplicated=2, repeats=3, nondup_ratio=None, seed=5)
