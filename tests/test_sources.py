@@ -239,3 +239,26 @@ def test_degenerate_images_are_skipped_by_default_and_the_worlds_pass(tmp_path):
     src = ImageFolderSource(tmp_path)
     got = {src.key(i): src[i].get("skip") for i in range(len(src))}
     assert got == {"dot": "too_small", "thin": "too_small", "world": None, "photo": None}
+
+
+def test_tokenize_gives_the_tokenizers_own_ids_through_its_backend():
+    """Tokenize pads and truncates through the fast tokenizer's backend, set once: the ids of the tokenizer's own
+    __call__ (padding to model_max_length, truncation keeping the end token), also after pickling to a worker."""
+    import pickle
+    import random
+
+    import torch
+
+    from memfilter.train.data.collate import Tokenize
+    from memfilter.train.families import build_tiny_sdxl, get_family
+    words = "a photo of red blue circle square near sea dog zorvik the ,.!? émigré 東京".split()
+    rng = random.Random(0)
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 120))) for _ in range(30)] + ["", "A"]
+    tokenize = get_family(build_tiny_sdxl(resolution=16, block_out_channels=(32, 32), vae_channels=(32, 32))
+                          ).tokenize_fn()
+    for t in (tokenize, pickle.loads(pickle.dumps(tokenize))):
+        got = t(captions)
+        for name, tok in tokenize.tokenizers.items():
+            want = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids
+            assert torch.equal(got[name], want) and tokenize._backend(name, tok) is not None

@@ -8,6 +8,9 @@ A source marks a bad sample by returning {"key": ..., "skip": reason, "detail": 
 """
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import torch
 
 from memfilter.train.data.transforms import BadSample, ImageTransform
@@ -24,14 +27,39 @@ class Tokenize:
 
     def __init__(self, **tokenizers):
         self.tokenizers = tokenizers
+        self._backends: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {"tokenizers": self.tokenizers, "_backends": {}}     # each worker configures its own
+
+    def _backend(self, name: str, tok):
+        """A fast tokenizer's Rust backend, set once to pad and truncate to model_max_length as the tokenizer's
+        __call__ does per call (the same ids, without transformers' per-call set-up); None for a slow one."""
+        if name not in self._backends:
+            be = getattr(tok, "_tokenizer", None)
+            if be is not None and tok.pad_token_id is not None:
+                be = copy.deepcopy(be)
+                be.enable_truncation(tok.model_max_length)
+                be.enable_padding(length=tok.model_max_length, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+            self._backends[name] = be
+        return self._backends[name]
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for name, tok in self.tokenizers.items():
-            out[name] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids if captions else \
-                torch.zeros(0, tok.model_max_length, dtype=torch.long)
+            if not captions:
+                out[name] = torch.zeros(0, tok.model_max_length, dtype=torch.long)
+            elif (be := self._backend(name, tok)) is not None:
+                out[name] = torch.from_numpy(np.array([e.ids for e in be.encode_batch(captions)], dtype=np.int64))
+            else:
+                out[name] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids
         return out
+
+
+def _longs(values: list) -> torch.Tensor:
+    """int64 tensor of a list of ints or int pairs (through numpy: torch.tensor on Python lists is slow)."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 class CollateForTraining:
@@ -65,10 +93,10 @@ class CollateForTraining:
             "pixel_values": (torch.stack([g[1] for g in good]) if good
                              else torch.zeros(0, 3, res, res, dtype=torch.uint8)),
             **self.tokenize(captions),
-            "original_sizes": torch.tensor([g[2] for g in good], dtype=torch.long).reshape(-1, 2),
-            "crop_top_lefts": torch.tensor([g[3] for g in good], dtype=torch.long).reshape(-1, 2),
+            "original_sizes": _longs([g[2] for g in good]).reshape(-1, 2),
+            "crop_top_lefts": _longs([g[3] for g in good]).reshape(-1, 2),
             "keys": [g[0]["key"] for g in good],
             "captions": captions,
-            "dup_group": torch.tensor([int(g[0]["meta"].get("dup_group", -1)) for g in good], dtype=torch.long),
+            "dup_group": _longs([int(g[0]["meta"].get("dup_group", -1)) for g in good]),
             "skipped": skipped,
         }
