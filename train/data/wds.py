@@ -75,6 +75,9 @@ def shard_counts(urls: list[str], counts_file: str | None = None) -> dict[str, i
     return counts
 
 
+SHUFFLE_INITIAL = 100      # samples in the shuffle buffer before it yields the first one (webdataset's default)
+
+
 class WebDatasetSource(IterableDataset):
     """Batches from webdataset shards; see the module docstring for the guarantees.
 
@@ -202,7 +205,10 @@ class WebDatasetSource(IterableDataset):
                 stages = [lambda: iter({"url": u} for u in shards), wds.tarfile_to_samples(handler=on_tar_error)]
                 if self.shuffle_buffer:
                     rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{logical}/{n_pass}")
-                    stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
+                    # the buffer starts yielding after `initial` samples and grows to shuffle_buffer as it goes
+                    # (webdataset's default): the first batch does not wait for a whole buffer of tar reading
+                    initial = min(self.shuffle_buffer, SHUFFLE_INITIAL)
+                    stages.append(wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng))
                 good_before, start = counts["good"], position
                 for raw in wds.DataPipeline(*stages):
                     yield n_pass, raw
