@@ -87,6 +87,7 @@ def write_kept_shards(urls: list[str], keys: set[str], out, shard_size: int = 10
     import webdataset as wds
 
     from memfilter.train.data.prepare import SHARD_PATTERN
+    from memfilter.train.data.tarfast import tar_samples
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def write_kept_shards(urls: list[str], keys: set[str], out, shard_size: int = 10
     rows: dict[str, list] = {"key": [], "shard": [], "source_shard": []}
     writer, name = None, None
     for url in urls:
-        for raw in wds.DataPipeline(lambda u=url: iter([{"url": u}]), wds.tarfile_to_samples()):
+        for raw in wds.DataPipeline(lambda u=url: iter([{"url": u}]), tar_samples(handler=wds.reraise_exception)):
             if raw["__key__"] not in keys:
                 continue
             if writer is None or counts[name] == shard_size:

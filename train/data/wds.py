@@ -30,6 +30,7 @@ import braceexpand
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from memfilter.train.data.tarfast import tar_samples
 from memfilter.train.data.transforms import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTS,
                                               BadSample, load_image, pick_caption)
 
@@ -202,7 +203,7 @@ class WebDatasetSource(IterableDataset):
             """(pass, raw sample) forever; each pass over the worker's shards is shuffled on its own, so
             a refill pass never mixes with the first one."""
             for n_pass in range(10**9):
-                stages = [lambda: iter({"url": u} for u in shards), wds.tarfile_to_samples(handler=on_tar_error)]
+                stages = [lambda: iter({"url": u} for u in shards), tar_samples(handler=on_tar_error)]
                 if self.shuffle_buffer:
                     rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{logical}/{n_pass}")
                     # the buffer starts yielding after `initial` samples and grows to shuffle_buffer as it goes
@@ -256,7 +257,7 @@ class WebDatasetSource(IterableDataset):
 
         errors: list = []
         pipeline = wds.DataPipeline(lambda: iter({"url": u} for u in self.urls),
-                                    wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
+                                    tar_samples(handler=lambda e: errors.append(e) or True))
         for raw in pipeline:
             if self.keep is not None and raw.get("__key__") not in self.keep:
                 continue
@@ -273,7 +274,7 @@ class WebDatasetSource(IterableDataset):
         errors: list = []
         seen: set = set()
         pipeline = wds.DataPipeline(lambda: iter([{"url": url}]),
-                                    wds.tarfile_to_samples(handler=lambda e: errors.append(e) or True))
+                                    tar_samples(handler=lambda e: errors.append(e) or True))
 
         def tar_errors():
             while errors:
