@@ -71,9 +71,10 @@ def key_seed(seed: int, key: str, draw: int) -> int:
 def make_plan(source, chunk_size: int) -> dict:
     """The chunks of a source: {"kind": "map", "size": n, "chunk_size": c, "chunks": k} or
     {"kind": "shards", "urls": [...], "chunks": k}."""
-    if hasattr(source, "urls"):
+    if hasattr(source, "urls"):          # a pass reads whole shards: their counts, not a keep-list's
+        counts = {} if getattr(source, "keep", None) is not None else (source.counts or {})
         return {"kind": "shards", "urls": list(source.urls), "chunks": len(source.urls),
-                "counts": {u: int(n) for u, n in (source.counts or {}).items()}}
+                "counts": {u: int(n) for u, n in counts.items()}}
     n = len(source)
     return {"kind": "map", "size": n, "chunk_size": chunk_size, "chunks": (n + chunk_size - 1) // chunk_size,
             "source": type(source).__name__}
