@@ -76,9 +76,6 @@ def shard_counts(urls: list[str], counts_file: str | None = None) -> dict[str, i
     return counts
 
 
-SHUFFLE_INITIAL = 100      # samples in the shuffle buffer before it yields the first one (webdataset's default)
-
-
 class WebDatasetSource(IterableDataset):
     """Batches from webdataset shards; see the module docstring for the guarantees.
 
@@ -206,10 +203,9 @@ class WebDatasetSource(IterableDataset):
                 stages = [lambda: iter({"url": u} for u in shards), tar_samples(handler=on_tar_error)]
                 if self.shuffle_buffer:
                     rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{logical}/{n_pass}")
-                    # the buffer starts yielding after `initial` samples and grows to shuffle_buffer as it goes
-                    # (webdataset's default): the first batch does not wait for a whole buffer of tar reading
-                    initial = min(self.shuffle_buffer, SHUFFLE_INITIAL)
-                    stages.append(wds.shuffle(self.shuffle_buffer, initial=initial, rng=rng))
+                    # a full buffer before the first sample: the best mixing from the first batch on (with the fast
+                    # tar reader the fill costs ~0.1 s per worker)
+                    stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
                 good_before, start = counts["good"], position
                 for raw in wds.DataPipeline(*stages):
                     yield n_pass, raw
