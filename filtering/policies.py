@@ -657,9 +657,9 @@ class Precomputed(FilterPolicy):
         check_settings(self, "filter.")
         path = os.path.join(self.decisions, "drop.txt") if os.path.isdir(self.decisions) else self.decisions
         try:
-            keys = read_key_list(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(str(e).replace("filter.protect.keep_list", "filter.decisions")) from None
+            keys = read_key_list(path, "filter.decisions")
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
         self._dropped = torch.tensor(sorted({key_group(k) for k in keys}), dtype=torch.long)
 
     def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None):
@@ -674,16 +674,20 @@ class Precomputed(FilterPolicy):
         raise NotImplementedError("Precomputed decides by key in decide()")
 
 
-def key_group(key: str) -> int:
-    """The id of a sample key: 48 bits of its SHA-256, never 0 (as caption_group)."""
+def _id48(data: bytes) -> int:
+    """An item id: 48 bits of the SHA-256 of `data` (exact in two float32 halves), never 0."""
     import hashlib
-    return int(hashlib.sha256(str(key).encode()).hexdigest()[:12], 16) or 1
+    return int(hashlib.sha256(data).hexdigest()[:12], 16) or 1
+
+
+def key_group(key: str) -> int:
+    """The id of a sample key."""
+    return _id48(str(key).encode())
 
 
 def caption_group(caption: str) -> int:
-    """The group id of a caption: 48 bits of its SHA-256 (exact in two float32 halves), never 0."""
-    import hashlib
-    return int(hashlib.sha256(caption.strip().lower().encode()).hexdigest()[:12], 16) or 1
+    """The group id of a caption (case and surrounding space ignored)."""
+    return _id48(caption.strip().lower().encode())
 
 
 def image_groups(pixel_values: torch.Tensor, size: int = 8) -> torch.Tensor:
@@ -691,12 +695,10 @@ def image_groups(pixel_values: torch.Tensor, size: int = 8) -> torch.Tensor:
     each bit = above the image's median), folded to 48 bits. An image shown again, also re-encoded or with
     small shifts of colour and tint, gets the same id; a random crop or flip makes another.
     """
-    import hashlib
     grey = pixel_values.detach().float().mean(1, keepdim=True)                         # [B, 1, H, W]
     small = torch.nn.functional.adaptive_avg_pool2d(grey, size).flatten(1)             # [B, size*size]
     bits = (small > small.median(dim=1, keepdim=True).values).to(torch.uint8).cpu().numpy()
-    return torch.tensor([int(hashlib.sha256(row.tobytes()).hexdigest()[:12], 16) or 1 for row in bits],
-                        dtype=torch.long)
+    return torch.tensor([_id48(row.tobytes()) for row in bits], dtype=torch.long)
 
 
 def item_groups(group_by: tuple, captions: list[str], pixel_values: torch.Tensor,

@@ -49,17 +49,17 @@ class Protect:
                              for k, c in zip(keys, captions)], dtype=torch.bool)
 
 
-def read_key_list(path: str | os.PathLike) -> set[str]:
-    """Keys from a text file (one per line) or a Parquet file with a `key` column."""
+def read_key_list(path: str | os.PathLike, field: str = "filter.protect.keep_list") -> set[str]:
+    """Keys from a text file (one per line) or a Parquet file with a `key` column; errors name `field`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"filter.protect.keep_list={str(path)!r}: no such file (one key per line, or "
+        raise FileNotFoundError(f"{field}={str(path)!r}: no such file (one key per line, or "
                                 "Parquet with a `key` column)")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         table = pq.read_table(path)
         if "key" not in table.column_names:
-            raise ValueError(f"filter.protect.keep_list={str(path)!r}: no `key` column (has {table.column_names})")
+            raise ValueError(f"{field}={str(path)!r}: no `key` column (has {table.column_names})")
         return {str(k) for k in table.column("key").to_pylist()}
     lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
     return {line for line in lines if line and not line.startswith("#")}

@@ -97,7 +97,7 @@ def test_recipes_and_8bit_adam_train_from_their_flags(tmp_path):
     from memfilter.filtering.records import read_records
     t = read_records(run_dir / "records").to_pandas().timestep
     assert len(t) == 8 and t.between(600, 699).all()
-    state = torch.load(run_dir / "checkpoint-2" / "optimizer.bin", weights_only=False)["state"]
+    state = torch.load(run_dir / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"]
     # bitsandbytes keeps tensors of >= 4096 elements in 8 bits (its min_8bit_size), smaller ones in fp32
     dtypes = {s["__bnb_optimizer_quant_state__"]["state1"].dtype for s in state.values()}
     assert dtypes == {torch.uint8, torch.float32}

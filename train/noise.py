@@ -124,3 +124,12 @@ def dream(unet, noise_scheduler, drawn: Noised, cond: dict, detail_preservation:
     delta = ((drawn.noise - pred).float() * sigma ** detail_preservation).detach()
     noisy = drawn.noisy + (sigma * delta).to(drawn.noisy.dtype)
     return Noised(noisy, drawn.timesteps, drawn.target + delta.to(drawn.target.dtype), drawn.noise)
+
+
+def training_inputs(unet, noise_scheduler, latents: torch.Tensor, generator: torch.Generator, noise: NoiseArgs,
+                    cond: dict, autocast: contextlib.AbstractContextManager | None = None) -> Noised:
+    """A micro-batch's draw with every recipe applied: `noised_inputs`, then DREAM when it is on."""
+    drawn = noised_inputs(noise_scheduler, latents, generator, noise)
+    if noise.dream_training:
+        drawn = dream(unet, noise_scheduler, drawn, cond, noise.dream_detail_preservation, autocast)
+    return drawn

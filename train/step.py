@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from memfilter.filtering.conditioning import as_conditioning
 from memfilter.filtering.policies import FilterPolicy
 from memfilter.filtering.signal import text_noise_magnitude
-from memfilter.train.noise import NoiseArgs, dream, noised_inputs
+from memfilter.train.noise import NoiseArgs, training_inputs
 
 
 @dataclass
@@ -135,11 +135,8 @@ def filtered_diffusion_step(
             < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
     """
     b, dev, ptype = latents.shape[0], latents.device, noise_scheduler.config.prediction_type
-    noise = noise or NoiseArgs()
-    drawn = noised_inputs(noise_scheduler, latents, generator, noise)
-    if noise.dream_training:
-        drawn = dream(magnitude_unet or unet, noise_scheduler, drawn, as_conditioning(cond),
-                      noise.dream_detail_preservation, autocast and autocast())
+    drawn = training_inputs(magnitude_unet or unet, noise_scheduler, latents, generator, noise or NoiseArgs(),
+                            as_conditioning(cond), autocast and autocast())
     noisy, timesteps, target = drawn.noisy, drawn.timesteps, drawn.target
     pred = unet(noisy, timesteps, **as_conditioning(cond)).sample  # [B,C,h,w], grad
 
@@ -153,9 +150,8 @@ def filtered_diffusion_step(
     if snr_gamma:
         per_sample = per_sample * snr_weights(noise_scheduler, timesteps, snr_gamma)
 
-    eligible = torch.ones(b, dtype=torch.bool, device=dev) if eligible is None else eligible.to(dev)
-    is_duplicate = torch.zeros(b, dtype=torch.bool, device=dev) if is_duplicate is None else is_duplicate.to(dev)
-    valid = torch.ones(b, dtype=torch.bool, device=dev) if valid is None else valid.to(dev)
+    eligible, is_duplicate, valid = (torch.full((b,), fill, dtype=torch.bool, device=dev) if x is None else x.to(dev)
+                                     for x, fill in ((eligible, True), (is_duplicate, False), (valid, True)))
     # One collective for everything the decision and the logs need: the same global rows on every rank
     gid = torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None else groups.to(dev).long().reshape(b, -1)
     width = max(b, pad_to or b)

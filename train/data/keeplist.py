@@ -14,9 +14,9 @@ from memfilter.train.data.imagefolder import DataConfigError, MapSource
 
 def read_keep_list(path: str, config_prefix: str = "data") -> set[str]:
     try:
-        return read_key_list(path)
+        return read_key_list(path, f"{config_prefix}.keep_list")
     except (FileNotFoundError, ValueError) as e:
-        raise DataConfigError(str(e).replace("filter.protect.keep_list", f"{config_prefix}.keep_list")) from None
+        raise DataConfigError(str(e)) from None
 
 
 def _key_of(source, i: int) -> str:
