@@ -65,8 +65,9 @@ def _opt(check):
 @dataclass
 class TrainArgs(NoiseArgs):
     """Loop settings; names and defaults follow diffusers' train_text_to_image.py, but center_crop (true here)
-    and log_magnitudes (memfilter's); the noise and timestep recipes are NoiseArgs' (train.noise). The toy world's recipe in conf/train.yaml overrides some. Each field holds
-    its default, its check and its doc (filtering.settings); a bad value raises a ValueError naming the key."""
+    and log_magnitudes (memfilter's); the noise and timestep recipes are NoiseArgs' (train.noise). The toy
+    world's recipe in conf/train.yaml overrides some. Each field holds its default, its check and its doc
+    (filtering.settings); a bad value raises a ValueError naming the key."""
 
     output_dir: str = setting("???", "a directory path", lambda v: isinstance(v, str) and v != "",
                               "the run directory")
