@@ -13,6 +13,10 @@ and sensor-like noise), each with a caption of 8-16 words and a json with dup_gr
 What is timed, one epoch each, over the same JPEG bytes:
 - `decode`: the floor. A plain loop over the JPEG bytes, already in memory (read from the tars
   untimed), `Image.open(...).convert("RGB")` + `.load()`; no resize, no tensor.
+- `decode, block cache`: the same loop with Pillow's freed-block cache on (IMAGE_BLOCKS blocks), as the
+  pipeline decodes (`reuse_image_memory`): Pillow's default returns every image's memory to the OS and
+  faults it in again, which is a large share of a plain loop's time. The pipeline's ratio is printed
+  against both loops.
 - `decode+transform`: the unavoidable per-image work of training. The same loop plus the project's
   `ImageTransform(resolution)` (resize the short side, centre crop, to a [-1,1] float tensor [3,H,W]).
   It runs in this process with torch's intra-op thread count; where that is above 1 the loop is also
@@ -46,6 +50,7 @@ Nothing here fails on timing: the figures are printed for a person to judge.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -67,7 +72,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from memfilter.train.data.collate import CollateForTraining  # noqa: E402
-from memfilter.train.data.transforms import ImageTransform  # noqa: E402
+from memfilter.train.data.transforms import IMAGE_BLOCKS, ImageTransform  # noqa: E402
 from memfilter.train.data.wds import WebDatasetSource  # noqa: E402
 from memfilter.train.tokenizer import DEFAULT_WORDS, build_tiny_tokenizer  # noqa: E402
 
@@ -182,25 +187,46 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
-def plain_loop(jpegs: list[bytes], transform: ImageTransform | None, threads: int | None = None) -> dict:
-    """Samples/s of decoding (and transforming) every JPEG in this process."""
+@contextlib.contextmanager
+def pillow_blocks(blocks: int):
+    """Pillow's freed-block cache set to `blocks` inside, restored after (Pillow's default is 0: no cache)."""
+    before = Image.core.get_blocks_max()
+    Image.core.set_blocks_max(blocks)
+    try:
+        yield
+    finally:
+        Image.core.set_blocks_max(before)
+
+
+def plain_loop(jpegs: list[bytes], transform: ImageTransform | None, threads: int | None = None,
+               blocks: int = 0) -> dict:
+    """Samples/s of decoding (and transforming) every JPEG in this process, with Pillow's block cache at
+    `blocks` (default 0, Pillow's default: a plain loop)."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        t0 = time.perf_counter()
-        for i, data in enumerate(jpegs):
-            image = decode(data)
-            if transform is not None:
-                transform(image, f"{i:07d}", 0)
-        seconds = time.perf_counter() - t0
+        with pillow_blocks(blocks):
+            t0 = time.perf_counter()
+            for i, data in enumerate(jpegs):
+                image = decode(data)
+                if transform is not None:
+                    transform(image, f"{i:07d}", 0)
+            seconds = time.perf_counter() - t0
     finally:
         torch.set_num_threads(before)
     return {"samples": len(jpegs), "seconds": seconds, "samples_per_s": len(jpegs) / seconds}
 
 
 def pipeline_epoch(pattern: str, workers: int, args: argparse.Namespace) -> dict:
-    """One epoch of the training loop's data path; total and steady-state samples/s."""
+    """One epoch of the training loop's data path; total and steady-state samples/s. The source turns on Pillow's
+    block cache where it decodes (reuse_image_memory); with w=0 that is this process, restored afterwards so that
+    the plain loops stay plain."""
+    with pillow_blocks(Image.core.get_blocks_max()):
+        return _pipeline_epoch(pattern, workers, args)
+
+
+def _pipeline_epoch(pattern: str, workers: int, args: argparse.Namespace) -> dict:
     src = WebDatasetSource(pattern, seed=args.seed, shuffle_buffer=args.shuffle_buffer)
     src.bind(CollateForTraining(build_tiny_tokenizer(), ImageTransform(args.resolution)),
              rank=0, world_size=1, batch_size=args.batch_size)
@@ -306,6 +332,7 @@ def _variants(jpegs: list[bytes], pattern: str, args: argparse.Namespace, thread
     """Variant name -> one timed epoch; the plain loops first, as the tables list them."""
     transform = ImageTransform(args.resolution)
     variants = {"decode": lambda: plain_loop(jpegs, None),
+                "decode, block cache": lambda: plain_loop(jpegs, None, blocks=IMAGE_BLOCKS),
                 "decode+transform": lambda: plain_loop(jpegs, transform)}
     if threads > 1:
         variants["decode+transform 1 thread"] = lambda: plain_loop(jpegs, transform, threads=1)
@@ -347,11 +374,17 @@ def _print_ratios(med: dict[str, dict], cores: int | None) -> dict:
     """Prints the pipeline's speed against the plain loops and its own cost per sample; returns those
     figures under their keys in the json."""
     floor, unavoidable = med["decode"]["samples_per_s"], med["decode+transform"]["samples_per_s"]
+    cached = med["decode, block cache"]["samples_per_s"]
     ratios = {v: {"total": m["samples_per_s"] / floor, "steady": m["steady_samples_per_s"] / floor,
+                  "total_vs_decode_block_cache": m["samples_per_s"] / cached,
+                  "steady_vs_decode_block_cache": m["steady_samples_per_s"] / cached,
                   "total_vs_decode_transform": m["samples_per_s"] / unavoidable}
               for v, m in med.items() if v.startswith("pipeline")}
     print("ratio pipeline/decode (samples/s; total, steady): "
           + "; ".join(f"{v.split()[-1]}: {r['total']:.2f}x, {r['steady']:.2f}x" for v, r in ratios.items()))
+    print("ratio pipeline/decode with Pillow's block cache, as the pipeline decodes (total, steady): "
+          + "; ".join(f"{v.split()[-1]}: {r['total_vs_decode_block_cache']:.2f}x, "
+                      f"{r['steady_vs_decode_block_cache']:.2f}x" for v, r in ratios.items()))
     per_sample_ms = {v: 1e3 / m["samples_per_s"] for v, m in med.items()}
     overhead = {v: per_sample_ms[v] - per_sample_ms["decode+transform"] for v in ratios}
     cpu_overhead = {v: med[v]["cpu_ms_per_sample"] - med["decode+transform"]["cpu_ms_per_sample"] for v in ratios}

@@ -262,3 +262,32 @@ def test_tokenize_gives_the_tokenizers_own_ids_through_its_backend():
             want = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids
             assert torch.equal(got[name], want) and tokenize._backend(name, tok) is not None
+
+
+def test_pillow_block_cache_is_turned_on_unless_the_user_chose(monkeypatch):
+    from memfilter.train.data.collate import stack_pixels
+    from memfilter.train.data.transforms import IMAGE_BLOCKS, reuse_image_memory, to_model_range
+
+    before = Image.core.get_blocks_max()
+    try:
+        monkeypatch.delenv("PILLOW_BLOCKS_MAX", raising=False)
+        Image.core.set_blocks_max(0)
+        reuse_image_memory()
+        assert Image.core.get_blocks_max() == IMAGE_BLOCKS
+        Image.core.set_blocks_max(3)                         # the user's own value stays
+        reuse_image_memory()
+        assert Image.core.get_blocks_max() == 3
+        Image.core.set_blocks_max(0)
+        monkeypatch.setenv("PILLOW_BLOCKS_MAX", "0")         # so does an explicit 0 through the environment
+        reuse_image_memory()
+        assert Image.core.get_blocks_max() == 0
+    finally:
+        Image.core.set_blocks_max(before)
+    # the channels-last batch holds the planar images, and the model range comes out planar and equal
+    import torch
+    hwc = [np.random.default_rng(i).integers(0, 256, (5, 7, 3), dtype=np.uint8) for i in range(3)]
+    planar = [torch.from_numpy(a).permute(2, 0, 1) for a in hwc]
+    batch = stack_pixels(planar, 5)
+    assert batch.shape == (3, 3, 5, 7) and torch.equal(batch, torch.stack(planar))
+    out = to_model_range(batch)
+    assert out.is_contiguous() and torch.equal(out, torch.stack(planar).float() / 127.5 - 1.0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from memfilter.train.data.transforms import reuse_image_memory
+
 
 class MapFeed:
     """A map-style dataset behind accelerate's prepared, seedable DataLoader (drop_last, shuffled per epoch)."""
@@ -23,7 +25,7 @@ class MapFeed:
     def __init__(self, accelerator, dataset, collate, *, batch_size: int, num_workers: int):
         self.accelerator, self.dataset = accelerator, dataset
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-                            collate_fn=collate)
+                            collate_fn=collate, worker_init_fn=reuse_image_memory)
         self.loader = accelerator.prepare(loader)
 
     def batches_per_epoch(self, epoch: int = 0) -> int:

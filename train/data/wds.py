@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from memfilter.train.data.tarfast import tar_samples
 from memfilter.train.data.transforms import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, IMAGE_EXTS,
-                                              BadSample, load_image, pick_caption)
+                                              BadSample, load_image, pick_caption, reuse_image_memory)
 
 CAPTION_KEYS = ("txt", "caption", "json")
 
@@ -180,6 +180,7 @@ class WebDatasetSource(IterableDataset):
             raise ValueError(f"resuming with dataloader_num_workers={nw}, the checkpoint was written with "
                              f"{self.num_workers}: use the same value")
         physical = info.id if info else 0
+        reuse_image_memory()
         logical = (physical + self.start_batch) % nw          # physical worker 0 serves batch start_batch
         n = self.batches_per_epoch()
         quota = len(range(logical, n, nw))                     # batches i < n with i % nw == logical
