@@ -8,7 +8,8 @@ training records, another method's output). A few exact lines of numpy keep the 
   Mann-Whitney statistic P(s_pos > s_neg) + P(s_pos = s_neg) / 2;
 - TPR@FPR is the largest TPR reachable with FPR <= target, i.e. the TPR at the lowest threshold whose
   FPR <= target, with no interpolation. Wen et al.'s code takes FPR < target (`strict=True`); the two
-  differ only when target * n_neg is a whole number of false positives.
+  differ only when target * n_neg is a whole number of false positives. Jeon et al. and Asthana et al. report
+  the TPR at the ROC point whose FPR is closest to the target (`tpr_at_fpr_closest`), which may lie above it.
 """
 from __future__ import annotations
 
@@ -80,9 +81,24 @@ def tpr_at_fpr(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.
     return float(t[ok].max()) if ok.any() else 0.0                 # (0, 0) qualifies unless strict at 0
 
 
+def tpr_at_fpr_closest(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                       fpr: float = 0.01) -> float:
+    """The TPR at the ROC point whose FPR is closest to `fpr` (ties: the higher TPR), as Jeon et al. (ICML 2025)
+    and Asthana et al. report it; that FPR may exceed the target.
+
+    Args:
+        scores: higher = more likely memorized. labels: 1 / True = positive.
+        fpr: the target false-positive rate. Default 0.01.
+    """
+    f, t, _ = roc_curve(scores, labels)
+    gap = np.abs(f - fpr)
+    return float(t[gap <= gap.min() + 1e-12].max())
+
+
 def detection_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
                       fprs: Sequence[float] = (0.01,)) -> dict:
-    """AUC, TPR at each target FPR, class counts and the ROC, ready for JSON.
+    """AUC, TPR at each target FPR (FPR <= target; Wen et al.'s strict FPR < target; the closest FPR), class counts
+    and the ROC, ready for JSON.
 
     Args:
         scores: higher = more likely memorized. labels: 1 / True = positive.
@@ -91,6 +107,8 @@ def detection_metrics(scores: Sequence[float] | np.ndarray, labels: Sequence[int
     s, y = _check(scores, labels)
     f, t, _ = roc_curve(s, y)
     return {"auc": auc(s, y), "tpr_at_fpr": {f"{x:g}": tpr_at_fpr(s, y, x) for x in fprs},
+            "tpr_at_fpr_strict": {f"{x:g}": tpr_at_fpr(s, y, x, strict=True) for x in fprs},
+            "tpr_at_fpr_closest": {f"{x:g}": tpr_at_fpr_closest(s, y, x) for x in fprs},
             "n_pos": int(y.sum()), "n_neg": int((~y).sum()), "roc": {"fpr": f.tolist(), "tpr": t.tolist()}}
 
 

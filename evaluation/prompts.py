@@ -13,6 +13,16 @@ import random
 from pathlib import Path
 
 PROMPT_COLUMNS = ("caption", "Caption", "prompt", "Prompt", "text", "TEXT")
+PROMPT_SETS = Path(__file__).resolve().parent / "prompt_sets"
+
+
+def prompt_set(name: str) -> Path:
+    """The path of a public prompt set shipped with memfilter (evaluation/prompt_sets, see its README)."""
+    path = PROMPT_SETS / name
+    if not path.is_file() or name == "README.md":
+        known = sorted(p.name for p in PROMPT_SETS.iterdir() if p.name != "README.md")
+        raise FileNotFoundError(f"sets:{name}: no such prompt set; known: {known}")
+    return path
 
 
 def load_prompt_file(path: str | Path, column: str | None = None, limit: int | None = None) -> list[dict]:

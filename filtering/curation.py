@@ -12,9 +12,12 @@ Decisions (`decide.policy`), each on the item scores of the scored samples:
     top_fraction   drop the highest `fraction`
     threshold      drop item scores above `threshold`
     calibrated     the threshold at false-positive rate `fpr` on a reference set (`reference`: another pass's
-                   output_dir or scores.parquet, scored on data known not to be memorized)
-    bucket         per timestep, the reference's threshold at fpr / T (T timesteps, a union bound): drop when any
-                   timestep's item mean is above its threshold (needs score.timesteps to be a list)
+                   output_dir or scores.parquet, scored on data known not to be memorized), or a calibration file's
+                   overall threshold (`calibration`, memfilter-calibrate over a reference pass's `score` column)
+    bucket         per timestep, the reference's threshold at fpr / T (T timesteps, a union bound), or the threshold
+                   of the timestep's bucket in a calibration file: drop when any timestep's item mean is above its
+                   threshold (needs score.timesteps to be a list)
+Thresholds from a reference are filtering.calibration.fpr_threshold, the one definition training uses.
 Samples whose caption matches `protect_captions` (intended memorization, Naseh et al. 2023) are never dropped.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from memfilter.filtering.calibration import fpr_threshold, load_calibration
 from memfilter.filtering.curate import PARTS
 from memfilter.filtering.settings import num_in, setting
 
@@ -49,6 +53,9 @@ class DecideArgs:
     reference: str | None = setting(None, "null or a curation output_dir or scores.parquet",
                                     lambda v: v is None or isinstance(v, str),
                                     "calibrated, bucket: scores of data known not to be memorized")
+    calibration: str | None = setting(None, "null or a calibration file (memfilter-calibrate)",
+                                      lambda v: v is None or isinstance(v, str),
+                                      "calibrated, bucket: thresholds from a calibration file instead of a reference")
     protect_captions: list = setting(must="a list of regular expressions", check=lambda v: isinstance(v, list),
                                      doc="captions never dropped (intended memorization)", factory=list)
     name: str | None = setting(None, "null or a folder name", lambda v: v is None or (isinstance(v, str) and v and
@@ -60,9 +67,12 @@ class DecideArgs:
         check_settings(self, "decide.")
         if self.policy == "threshold" and self.threshold is None:
             raise ValueError("decide.policy=threshold needs decide.threshold=<number>")
-        if self.policy in ("calibrated", "bucket") and not self.reference:
+        if self.policy in ("calibrated", "bucket") and not (self.reference or self.calibration):
             raise ValueError(f"decide.policy={self.policy} needs decide.reference=<a curation pass over data known "
-                             "not to be memorized>; or use decide.policy=top_fraction or threshold")
+                             "not to be memorized> or decide.calibration=<file>; or use decide.policy=top_fraction "
+                             "or threshold")
+        if self.reference and self.calibration:
+            raise ValueError("decide.reference and decide.calibration both given: thresholds come from one of them")
 
 
 # --- merge -----------------------------------------------------------------------------------------------------
@@ -174,22 +184,42 @@ def decide(args: DecideArgs, scored: pd.DataFrame, item_score: np.ndarray, item_
     elif args.policy == "threshold":
         drop, info = item_score > args.threshold, {"threshold": float(args.threshold)}
     elif args.policy == "calibrated":
-        ref = reference_scores(args.reference)
-        thr = float(np.quantile(ref.score.to_numpy(np.float64), 1 - args.fpr))
-        drop, info = item_score > thr, {"threshold": thr, "reference_samples": len(ref)}
+        thr, info = _overall_threshold(args)
+        drop = item_score > thr
     else:
         if not timesteps:
             raise ValueError("decide.policy=bucket needs score.timesteps to be a list (per-timestep thresholds)")
-        ref = timestep_matrix(reference_scores(args.reference), timesteps, draws)
-        thr = np.quantile(ref, 1 - args.fpr / len(timesteps), axis=0)
+        thr, info = _timestep_thresholds(args, timesteps, draws)
         drop = (item_vec > thr[None, :]).any(axis=1)
-        info = {"per_timestep": {int(t): float(v) for t, v in zip(timesteps, thr)}, "reference_samples": len(ref)}
     if args.protect_captions:
         patterns = [re.compile(p, re.IGNORECASE) for p in args.protect_captions]
         protected = np.array([any(p.search(c or "") for p in patterns) for c in scored.caption], bool)
         drop &= ~protected
         info["protected"] = int(protected.sum())
     return np.asarray(drop, bool), info
+
+
+def _overall_threshold(args: DecideArgs) -> tuple[float, dict]:
+    if args.calibration:
+        cal = load_calibration(args.calibration, "decide.calibration")
+        return cal.threshold, {"threshold": cal.threshold, "calibration": args.calibration, "fpr": cal.fpr}
+    ref = reference_scores(args.reference)
+    thr = fpr_threshold(ref.score.to_numpy(np.float64), args.fpr)
+    return thr, {"threshold": thr, "reference_samples": len(ref)}
+
+
+def _timestep_thresholds(args: DecideArgs, timesteps: list, draws: int) -> tuple[np.ndarray, dict]:
+    if args.calibration:
+        cal = load_calibration(args.calibration, "decide.calibration")
+        if not cal.bucket_thresholds:
+            raise ValueError(f"decide.calibration={args.calibration}: no per-timestep thresholds in the file")
+        thr = cal.thresholds_at(timesteps)
+        info = {"calibration": args.calibration, "fpr": cal.fpr}
+    else:
+        ref = timestep_matrix(reference_scores(args.reference), timesteps, draws)
+        thr = np.array([fpr_threshold(ref[:, j], args.fpr / len(timesteps)) for j in range(len(timesteps))])
+        info = {"reference_samples": len(ref)}
+    return thr, {"per_timestep": {int(t): float(v) for t, v in zip(timesteps, thr)}, **info}
 
 
 def write_key_lists(out: Path, scored: pd.DataFrame, drop: np.ndarray) -> None:

@@ -113,14 +113,25 @@ class FixedThreshold(FilterPolicy):
     Args:
         threshold: magnitude above which a sample is dropped. No default: it depends on the model,
             the resolution and the timestep distribution, so it must be chosen for the setup.
+        calibration: a calibration file (memfilter-calibrate, filtering.calibration) whose overall threshold replaces
+            `threshold` (`filter=fixed filter.calibration=<file>`). Default None.
     """
 
-    threshold: float = setting(must="a number > 0 (inf keeps everything), e.g. filter.threshold=2.0",
-                               check=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0)
+    threshold: float | None = setting(must="a number > 0 (inf keeps everything), e.g. filter.threshold=2.0, or null "
+                                           "with filter.calibration=<file>",
+                                      check=lambda v: v is None or (isinstance(v, (int, float))
+                                                                    and not isinstance(v, bool) and v > 0))
+    calibration: str | None = setting(None, "null or a calibration file (memfilter-calibrate)",
+                                      lambda v: v is None or isinstance(v, str))
     name = "fixed"
 
     def __post_init__(self):
         check_settings(self, "filter.")
+        if self.threshold is None and self.calibration is None:
+            raise ValueError("filter=fixed needs filter.threshold=<number> or filter.calibration=<file>")
+        if self.calibration is not None:
+            from memfilter.filtering.calibration import load_calibration
+            self.threshold = load_calibration(self.calibration).threshold
 
     def _decide(self, m, t):
         return m <= self.threshold
@@ -267,6 +278,9 @@ class TimestepBucketed(FilterPolicy):
             magnitudes of each bucket form its statistics, which are then frozen: a threshold calibrated
             at the start of fine-tuning, on the pretrained model's magnitudes, before anything is
             memorized, that memorized samples can never drag along. Default "all".
+        calibration: a calibration file (memfilter-calibrate) whose per-bucket thresholds are used, frozen, instead
+            of the running statistics (its bucket count must equal num_buckets; a bucket without a threshold keeps
+            its samples). Default None.
     """
 
     num_buckets: int = setting(10, "an integer in [1, 1000]", lambda v: int_at_least(1)(v) and v <= 1000)
@@ -278,6 +292,8 @@ class TimestepBucketed(FilterPolicy):
     window: int = setting(1024, "an integer >= 1", int_at_least(1))
     warmup: int = setting(32, "an integer >= 1", int_at_least(1))
     update_with: str = setting("all", "all, kept or warmup", lambda v: v in ("all", "kept", "warmup"))
+    calibration: str | None = setting(None, "null or a calibration file (memfilter-calibrate)",
+                                      lambda v: v is None or isinstance(v, str))
     name = "timestep"
 
     def __post_init__(self):
@@ -287,6 +303,9 @@ class TimestepBucketed(FilterPolicy):
         _check_update_with(self.update_with, self.statistic, ("all", "kept", "warmup"))
         self._wins = [_Window(self.window) for _ in range(self.num_buckets)]
         self._thresholds = [math.inf] * self.num_buckets
+        self._frozen = self.calibration is not None
+        if self._frozen:
+            self._thresholds = _calibrated_buckets(self.calibration, self.num_buckets, self.num_train_timesteps)
 
     def bucket_of(self, t: torch.Tensor) -> torch.Tensor:
         return (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
@@ -295,6 +314,8 @@ class TimestepBucketed(FilterPolicy):
         if t is None:
             raise ValueError("the timestep policy needs the timesteps of the batch")
         buckets = self.bucket_of(t)
+        if self._frozen:                              # calibrated: fixed per-bucket thresholds, no statistics
+            return m <= torch.tensor(self._thresholds, dtype=m.dtype, device=m.device)[buckets]
         keep = torch.ones_like(m, dtype=torch.bool)
         for b in buckets.unique().tolist():          # thresholds from past batches only
             win = self._wins[b]
@@ -319,6 +340,21 @@ class TimestepBucketed(FilterPolicy):
     def load_state_dict(self, state):
         _restore_windows(self._wins, state["values"])
         self._thresholds = [float(x) for x in state["thresholds"]]
+
+
+def _calibrated_buckets(path: str, num_buckets: int, num_train_timesteps: int) -> list[float]:
+    """filter.calibration's per-bucket thresholds (+inf where a bucket has none), checked against the policy's."""
+    from memfilter.filtering.calibration import load_calibration
+
+    cal = load_calibration(path)
+    if not cal.bucket_thresholds:
+        raise ValueError(f"filter.calibration={path}: the file has no per-timestep thresholds (it was calibrated "
+                         "without timesteps); use filter=fixed with it, or calibrate with a timestep column")
+    if (cal.num_buckets, cal.num_train_timesteps) != (num_buckets, num_train_timesteps):
+        raise ValueError(f"filter.calibration={path} has {cal.num_buckets} buckets over {cal.num_train_timesteps} "
+                         f"timesteps, the policy {num_buckets} over {num_train_timesteps}: set "
+                         f"filter.num_buckets={cal.num_buckets}")
+    return [math.inf if x is None else float(x) for x in cal.bucket_thresholds]
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Score prompts for memorization (Wen et al.) and, with labelled sets, report AUC and TPR at low FPR.
+"""Score prompts for memorization with the detectors of filtering.detection and, with labelled sets, report AUC and
+TPR at low FPR per detector and grid cell (evaluation/detect_report.py).
 
-    python launch/detect.py pipeline=<dir> memorized=<file> nonmemorized=<file>
+    python launch/detect.py pipeline=<dir> memorized=sets:sdv1_500_memorized.jsonl \
+        nonmemorized=sets:sd1_nonmemorized_500.txt detectors=[magnitude,sharpness,bright_ending]
 """
 from __future__ import annotations
 
@@ -17,54 +19,72 @@ from memfilter.launch.config_check import ConfigError, run_or_exit  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
-    from memfilter.evaluation.detect import score_prompts
-    from memfilter.evaluation.detection import detection_metrics
+    from memfilter.evaluation.detect import run_detectors
+    from memfilter.evaluation.detect_report import write_report
     from memfilter.evaluation.generate import load_pipeline
-    from memfilter.evaluation.prompts import load_prompt_file
     from memfilter.launch.builders import resolve_pretrained
 
-    sets = [(cfg.memorized, 1), (cfg.nonmemorized, 0), (cfg.prompts, -1)]
-    rows = []
-    for path, label in sets:
-        if path:
-            try:
-                rows += [{**r, "label": label, "file": Path(path).name} for r in load_prompt_file(path, limit=cfg.limit)]
-            except (FileNotFoundError, ValueError) as e:
-                raise ConfigError(str(e)) from None
-    if not rows:
-        raise ConfigError("no prompts: give memorized=<file> and nonmemorized=<file>, or prompts=<file>")
+    rows = _prompt_rows(cfg)
+    out = Path(cfg.output)
+    if (out / "metrics.json").exists():
+        raise ConfigError(f"output={out} already holds a detection run (metrics.json): give another output")
+    steps = list(cfg.grid_steps or [cfg.num_steps])
+    gens = list(cfg.grid_generations or [cfg.num_generations])
+    if max(steps) > cfg.num_steps or max(gens) > cfg.num_generations or min(steps + gens) < 1:
+        raise ConfigError(f"grid_steps={steps} and grid_generations={gens} must lie in 1..num_steps="
+                          f"{cfg.num_steps} and 1..num_generations={cfg.num_generations} (the pass they are taken "
+                          "from)")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     try:
         pipe = load_pipeline(resolve_pretrained(cfg.pipeline), device)
     except (OSError, ValueError) as e:
         raise ConfigError(f"pipeline={cfg.pipeline!r} could not be loaded: {e}") from None
-    scores, mags = score_prompts(pipe, [r["prompt"] for r in rows], num_generations=cfg.num_generations,
-                                 num_steps=cfg.num_steps, num_inference_steps=cfg.num_inference_steps,
-                                 guidance_scale=cfg.guidance_scale, seed=cfg.seed, batch_size=cfg.batch_size,
-                                 resolution=cfg.resolution)
-    out = Path(cfg.output)
+    try:
+        run_ = run_detectors(pipe, [r["prompt"] for r in rows], detectors=list(cfg.detectors),
+                             num_generations=cfg.num_generations, num_steps=cfg.num_steps,
+                             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                             seed=cfg.seed, batch_size=cfg.batch_size, resolution=cfg.resolution)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out.mkdir(parents=True, exist_ok=True)
-    table = [{"prompt": r["prompt"], "label": r["label"], "file": r["file"], "score": float(s),
-              "type": str(r["meta"].get("type", ""))} for r, s in zip(rows, scores.tolist())]
-    pq.write_table(pa.Table.from_pylist(table), out / "scores.parquet")
-    result = {"settings": {k: cfg[k] for k in ("pipeline", "num_generations", "num_steps", "num_inference_steps",
-                                               "guidance_scale", "seed")},
-              "n_prompts": len(rows)}
-    labelled = [(t["score"], t["label"]) for t in table if t["label"] >= 0]
-    if {lab for _, lab in labelled} == {0, 1}:
-        metrics = detection_metrics([s for s, _ in labelled], [lab for _, lab in labelled], fprs=tuple(cfg.fprs))
-        result["metrics"] = {k: v for k, v in metrics.items() if k != "roc"}
-        result["roc"] = metrics.get("roc")
-        print(f"AUC {metrics['auc']:.3f}  " + "  ".join(f"TPR@{k}FPR {v:.3f}"
-                                                       for k, v in metrics["tpr_at_fpr"].items())
-              + f"  (n={cfg.num_generations}, steps={cfg.num_steps}, {len(labelled)} prompts)")
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"scores: {out / 'scores.parquet'}")
+    settings = {k: cfg[k] for k in ("pipeline", "detectors", "num_generations", "num_steps", "num_inference_steps",
+                                    "guidance_scale", "seed")}
+    settings["detectors"] = list(settings["detectors"])
+    result = write_report(out, rows, run_, steps=steps, generations=gens, fprs=list(cfg.fprs), settings=settings)
+    for r in result["grid"]:
+        if "auc" in r:
+            f = f"{cfg.fprs[0]:g}"
+            print(f"{r['detector']:>13} k={r['steps']} n={r['generations']}: AUC {r['auc']:.3f}  TPR@{f}FPR "
+                  f"{r['tpr_at_fpr_strict'][f]:.3f} (Wen) {r['tpr_at_fpr_closest'][f]:.3f} (closest)")
+    print(f"report: {out / 'report.md'}; scores: {out / 'scores.parquet'}")
     return result
+
+
+def _prompt_rows(cfg: DictConfig) -> list[dict]:
+    """The prompts of the labelled and unlabelled files, with label 1 / 0 / -1 and the file's name."""
+    from memfilter.evaluation.prompts import load_prompt_file
+
+    rows = []
+    for path, label in [(cfg.memorized, 1), (cfg.nonmemorized, 0), (cfg.prompts, -1)]:
+        if path:
+            try:
+                rows += [{**r, "label": label, "file": Path(path).name}
+                         for r in load_prompt_file(_bundled(path), limit=cfg.limit)]
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(str(e)) from None
+    if not rows:
+        raise ConfigError("no prompts: give memorized=<file> and nonmemorized=<file>, or prompts=<file>")
+    return rows
+
+
+def _bundled(path: str) -> str:
+    """`sets:<name>` is a prompt set shipped with memfilter (evaluation/prompt_sets); anything else a path."""
+    if str(path).startswith("sets:"):
+        from memfilter.evaluation.prompts import prompt_set
+        return str(prompt_set(str(path)[5:]))
+    return path
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="detect")

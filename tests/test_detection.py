@@ -61,7 +61,7 @@ def test_detection_metrics_dict_is_json_ready():
     y = np.r_[np.ones(30), np.zeros(70)].astype(bool)
     s = rng.normal(size=100) + 2 * y
     m = detection_metrics(s, y, fprs=(0.01, 0.1))
-    assert set(m) == {"auc", "tpr_at_fpr", "n_pos", "n_neg", "roc"}
+    assert set(m) == {"auc", "tpr_at_fpr", "tpr_at_fpr_strict", "tpr_at_fpr_closest", "n_pos", "n_neg", "roc"}
     assert (m["n_pos"], m["n_neg"]) == (30, 70) and set(m["tpr_at_fpr"]) == {"0.01", "0.1"}
     assert m["auc"] == pytest.approx(_mann_whitney(s, y.astype(int)))
     assert m["tpr_at_fpr"]["0.01"] <= m["tpr_at_fpr"]["0.1"]
@@ -96,3 +96,34 @@ def test_load_scores_csv_parquet_jsonl(tmp_path):
         load_scores(tmp_path / "s.parquet")
     with pytest.raises(FileNotFoundError):
         load_scores(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auc_and_both_tpr_conventions_equal_scikit_learn_on_planted_scores(seed):
+    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_curve as sk_roc
+
+    from memfilter.evaluation.detection import tpr_at_fpr_closest
+
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(150), np.zeros(300)].astype(int)
+    scores = np.round(rng.normal(1.5 * labels, 1.0), 1)                  # planted signal, rounded: ties
+    assert auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    f, t, _ = sk_roc(labels, scores, drop_intermediate=False)
+    assert tpr_at_fpr(scores, labels, 0.01, strict=True) == pytest.approx(t[f < 0.01].max())
+    gap = np.abs(f - 0.01)
+    # equally close points on both sides of the target (2/300 and 4/300 around 3/300): the higher TPR
+    assert tpr_at_fpr_closest(scores, labels, 0.01) == pytest.approx(t[gap <= gap.min() + 1e-12].max())
+    m = detection_metrics(scores, labels)
+    assert m["tpr_at_fpr_strict"]["0.01"] == tpr_at_fpr(scores, labels, 0.01, strict=True)
+    assert m["tpr_at_fpr_closest"]["0.01"] == tpr_at_fpr_closest(scores, labels, 0.01)
+
+
+def test_the_closest_convention_by_hand():
+    from memfilter.evaluation.detection import tpr_at_fpr_closest
+
+    # 3 negatives: FPR steps 0, 1/3, 2/3, 1. Target 0.3: the closest point is FPR 1/3, above the target
+    s, y = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [1, 0, 1, 1, 0, 0]
+    assert tpr_at_fpr_closest(s, y, 0.3) == pytest.approx(1.0)           # FPR 1/3 reached at 0.6: all 3 positives
+    assert tpr_at_fpr(s, y, 0.3) == pytest.approx(1 / 3)                  # <= 0.3 stops before the first negative
+    assert tpr_at_fpr(s, y, 0.3, strict=True) == pytest.approx(1 / 3)
