@@ -12,7 +12,8 @@ from memfilter.launch.diffusers_flags import translate
 from tests.conftest import REPO, compose
 
 APPS = {"train": "train", "train.sbatch": "train", "demo": "demo", "prepare": "prepare", "evaluate": "evaluate",
-        "detect": "detect", "build_world_base": "build_world_base", "curate": "curate"}
+        "detect": "detect", "build_world_base": "build_world_base", "curate": "curate", "calibrate": "calibrate",
+        "explain": "explain", "mitigate": "mitigate"}
 
 
 def readme_commands() -> list[str]:
