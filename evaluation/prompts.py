@@ -29,11 +29,11 @@ def load_prompt_file(path: str | Path, column: str | None = None, limit: int | N
     """[{prompt, meta}] from a .txt, .jsonl or .csv file.
 
     Args:
-        path: the file.
+        path: the file, or `sets:<name>` for a public set shipped with memfilter (`prompt_set`).
         column: the prompt column/field; default: the first of caption, Caption, prompt, Prompt, text, TEXT.
         limit: keep the first `limit` prompts. Default: all.
     """
-    path = Path(path)
+    path = prompt_set(str(path)[5:]) if str(path).startswith("sets:") else Path(path)
     if not path.exists():
         raise FileNotFoundError(f"prompt file {path} does not exist (evaluation.prompt_files)")
     suffix = path.suffix.lower()

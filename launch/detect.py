@@ -71,20 +71,12 @@ def _prompt_rows(cfg: DictConfig) -> list[dict]:
         if path:
             try:
                 rows += [{**r, "label": label, "file": Path(path).name}
-                         for r in load_prompt_file(_bundled(path), limit=cfg.limit)]
+                         for r in load_prompt_file(path, limit=cfg.limit)]
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(str(e)) from None
     if not rows:
         raise ConfigError("no prompts: give memorized=<file> and nonmemorized=<file>, or prompts=<file>")
     return rows
-
-
-def _bundled(path: str) -> str:
-    """`sets:<name>` is a prompt set shipped with memfilter (evaluation/prompt_sets); anything else a path."""
-    if str(path).startswith("sets:"):
-        from memfilter.evaluation.prompts import prompt_set
-        return str(prompt_set(str(path)[5:]))
-    return path
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="detect")

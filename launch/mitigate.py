@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(str(e)) from None
     if not prompts:
         raise ConfigError(f"prompts={cfg.prompts}: the file holds no prompts")
-    set_name, out = Path(cfg.prompts).stem, Path(cfg.output)
+    set_name, out = Path(str(cfg.prompts).removeprefix("sets:")).stem, Path(cfg.output)
     check_output(out, set_name)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     try:

@@ -109,5 +109,6 @@ def test_bundled_prompt_sets_are_found_by_name():
     rows = load_prompt_file(prompt_set("sdv1_500_memorized.jsonl"))
     assert len(rows) == 500 and all(r["prompt"] for r in rows)
     assert len(load_prompt_file(prompt_set("sd1_nonmemorized_500.txt"))) == 500
+    assert load_prompt_file("sets:sdv1_500_memorized.jsonl", limit=3) == rows[:3]     # every app takes sets:<name>
     with pytest.raises(FileNotFoundError, match="known"):
         prompt_set("nope.txt")

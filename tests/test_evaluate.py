@@ -88,9 +88,10 @@ def test_evaluate_a_run_and_compare(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     scores = pd.read_parquet(tmp_path / "det" / "scores.parquet")
     assert len(scores) == 5 and (scores.score > 0).all() and scores.label.tolist() == [1, 1, 0, 0, 0]
-    metrics = json.loads((tmp_path / "det" / "metrics.json").read_text())["metrics"]
+    (cell,) = json.loads((tmp_path / "det" / "metrics.json").read_text())["grid"]     # magnitude, k=1, n=2
     from memfilter.evaluation.detection import auc
-    assert metrics["auc"] == pytest.approx(auc(scores.score.values, scores.label.values))
+    assert (cell["detector"], cell["steps"], cell["generations"]) == ("magnitude", 1, 2)
+    assert cell["auc"] == pytest.approx(auc(scores.score.values, scores.label.values))
 
     proc = run_cmd([sys.executable, str(REPO / "launch" / "evaluate.py"), f"compare=[{run_dir},{run_dir}]",
                     f"output_dir={tmp_path / 'cmp'}"])
