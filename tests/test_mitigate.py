@@ -193,3 +193,28 @@ def test_the_app_writes_images_index_and_summary_and_refuses_a_used_output(tmp_p
     with pytest.raises(ConfigError, match=f"output={out} already holds"):
         run(_app_config(tmp_path, "method=none"))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_the_world_study_compares_methods_on_the_same_noise():
+    from memfilter.evaluation.generate import load_pipeline
+    from memfilter.filtering.calibration import fpr_threshold
+    from memfilter.toyworld.base import ASSET_DIR
+    from memfilter.toyworld.mitigation import markdown, mitigation_study
+    from memfilter.toyworld.world import ToyWorld
+
+    world = ToyWorld(num_unique=6, num_duplicated=2, repeats=3, seed=1)
+    res = mitigation_study(load_pipeline(ASSET_DIR, "cpu"), world, methods=("none", "embedding", "random_numbers"),
+                           num_images=2, num_unique=3, num_inference_steps=3, fresh_items=20, max_iterations=2)
+    none = res["rows"]["none"]
+    assert res["target"] == fpr_threshold([r["m_before"] for r in none if r["set"] == "unique"], 0.05)
+    for method, rows in res["rows"].items():
+        assert len(rows) == 5 * 2 and {r["set"] for r in rows} == {"duplicated", "unique"}
+        # the same prompt and x_T before any change: m_before is the same number in every method
+        assert [r["m_before"] for r in rows] == pytest.approx([r["m_before"] for r in none], rel=1e-5)
+        assert set(res["methods"][method]) == {"duplicated", "unique"}
+    emb = res["rows"]["embedding"]
+    # reached or not, every prompt says which, and a reached one is below the calibrated target
+    assert all(r["reached"] in (True, False) and r["stop_reason"] for r in emb)
+    assert all(r["m_after"] < res["target"] for r in emb if r["reached"])
+    assert np.mean([r["m_after"] for r in emb]) < np.mean([r["m_before"] for r in emb])
+    assert "| embedding |" in markdown(res) and "| random_numbers |" in markdown(res)

@@ -24,6 +24,10 @@ def test_a_wheel_installed_in_a_fresh_environment_runs_from_another_directory(tm
     names = zipfile.ZipFile(wheel).namelist()
     assert "memfilter/conf/train.yaml" in names and "memfilter/launch/train.py" in names
     assert "memfilter/toyworld/assets/world-base/model_index.json" in names
+    assert "memfilter/evaluation/prompt_sets/sdv1_500_memorized.jsonl" in names      # sets:<name> works installed
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for app in ("detect", "calibrate", "explain", "mitigate", "curate"):
+        assert f"memfilter-{app} = memfilter.launch.{app}:" in entry_points
     assert not [n for n in names if n.split("/")[0] in ("train", "launch", "filtering", "evaluation", "tests")]
     # a fresh environment (dependencies from this one; the wheel itself installed, not this checkout)
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp_path / "env")], check=True,
