@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from memfilter.filtering.conditioning import as_conditioning, cat, expand, leaves, num_rows, select
-from memfilter.filtering.signal import _per_sample_scale
+from memfilter.filtering.signal import eps_scale
 
 DETECTORS = ("magnitude", "sharpness", "bright_ending")
 
@@ -121,7 +121,7 @@ def _score_chunk(unet, scheduler, cond: dict, uncond: dict, x_T: torch.Tensor, d
         pred_c, pred_u = pred.chunk(2)
         if i < num_steps:
             ts = torch.full((b,), int(t), device=dev, dtype=torch.long)
-            scale = _per_sample_scale(ptype, alphas, ts)                 # eps_c - eps_u = scale * (pred_c - pred_u)
+            scale = eps_scale(ptype, alphas, ts)                 # eps_c - eps_u = scale * (pred_c - pred_u)
             diff = (pred_c.float() - pred_u.float()) * (1.0 if scale is None else scale.view(-1, 1, 1, 1))
             if "magnitude" in detectors:
                 out["magnitude"].append(diff.flatten(1).norm(dim=1))

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from memfilter.filtering.conditioning import as_conditioning, num_rows
-from memfilter.filtering.detection import _seed
+from memfilter.filtering.detection import initial_latents
 from memfilter.filtering.signal import magnitude_from_predictions
 
 
@@ -92,8 +92,8 @@ def step_gradients(unet, scheduler, prompt_cond: torch.Tensor | dict, uncond: to
     alphas = getattr(scheduler, "alphas_cumprod", None)
     for j in range(first_generation, first_generation + num_generations):
         # the same x_T as detection gives generation j of prompt `prompt_index`
-        gen = torch.Generator(generator_device).manual_seed(_seed(seed, prompt_index, j))
-        latents = torch.randn(latent_shape, generator=gen, device=generator_device).to(dev, dtype)[None]  # [1,C,h,w]
+        latents = initial_latents([(prompt_index, j)], latent_shape, seed=seed,
+                                  generator_device=generator_device).to(dev, dtype)                  # [1,C,h,w]
         scheduler.set_timesteps(num_inference_steps, device=dev)    # before init_noise_sigma: it can depend on it
         latents = latents * scheduler.init_noise_sigma
         for k, t in enumerate(scheduler.timesteps[:num_steps]):

@@ -1,7 +1,7 @@
 """Inference-time mitigation (Wen et al., ICLR 2024) and the baselines it is compared with.
 
 Method. At the FIRST sampling step, with x_T of generation j of prompt i seeded by (seed, i, j) exactly as detection
-seeds it (filtering.detection._seed), optimise the prompt's embedding e_p (the text encoder output, the
+seeds it (filtering.detection.initial_latents), optimise the prompt's embedding e_p (the text encoder output, the
 encoder_hidden_states rows; row 0, the start token, frozen) with Adam so that every generation's
 
     m_j = || eps(x_T, t_1, e_p) - eps(x_T, t_1, e_0) ||_2
@@ -28,8 +28,8 @@ from typing import Sequence
 import torch
 
 from memfilter.filtering.conditioning import as_conditioning, expand
-from memfilter.filtering.detection import _seed, trajectory_magnitudes
-from memfilter.filtering.signal import _per_sample_scale   # the same epsilon conversion as the signal's
+from memfilter.filtering.detection import initial_latents, trajectory_magnitudes
+from memfilter.filtering.signal import eps_scale
 
 DEFAULT_NUM_WORDS = 4        # k of the text baselines (the official prompt_augmentation's default repeat_num)
 DEFAULT_SIGMA = 0.1          # std of the embedding noise (Somepalli et al.'s / the official rand_noise_lam)
@@ -48,8 +48,8 @@ def initial_noise(latent_shape: tuple[int, int, int], num_generations: int, *, s
         num_generations: n. seed: base seed. Default 0. prompt_index: the prompt's global index. Default 0.
         generator_device: device of the generators. Default "cpu" (the same noise on any device).
     """
-    return torch.stack([torch.randn(latent_shape, device=generator_device, generator=torch.Generator(
-        generator_device).manual_seed(_seed(seed, prompt_index, j))) for j in range(num_generations)])
+    return initial_latents([(prompt_index, j) for j in range(num_generations)], latent_shape, seed=seed,
+                           generator_device=generator_device)
 
 
 def first_step_magnitudes(unet, scheduler, prompt_cond: torch.Tensor | dict, uncond: torch.Tensor | dict,
@@ -115,7 +115,7 @@ def optimize_prompt_embedding(unet, scheduler, prompt_cond: torch.Tensor | dict,
     x_in, t = _first_step_input(scheduler, initial_noise(latent_shape, n, seed=seed, prompt_index=prompt_index,
                                                          generator_device=generator_device),
                                 num_inference_steps, dev, dtype)
-    scale = _per_sample_scale(scheduler.config.get("prediction_type", "epsilon"),
+    scale = eps_scale(scheduler.config.get("prediction_type", "epsilon"),
                               getattr(scheduler, "alphas_cumprod", None),
                               torch.full((n,), int(t), device=dev, dtype=torch.long))
     with torch.no_grad():      # e_0 does not move: its prediction is computed once

@@ -17,7 +17,7 @@ from memfilter.filtering.conditioning import as_conditioning, expand
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _per_sample_scale(prediction_type: str, alphas_cumprod: torch.Tensor | None,
+def eps_scale(prediction_type: str, alphas_cumprod: torch.Tensor | None,
                       timesteps: torch.Tensor | None) -> torch.Tensor | None:
     """Factor c_t with eps_c - eps_u = c_t * (pred_c - pred_u), shape [B] (None means 1).
 
@@ -55,7 +55,7 @@ def magnitude_from_predictions(cond_pred: torch.Tensor, uncond_pred: torch.Tenso
     """
     diff = cond_pred.detach().float() - uncond_pred.detach().float()   # [B, C, H, W]
     m = diff.flatten(1).norm(dim=1)                                      # [B]
-    scale = _per_sample_scale(prediction_type, alphas_cumprod, timesteps)
+    scale = eps_scale(prediction_type, alphas_cumprod, timesteps)
     return m if scale is None else m * scale.abs()
 
 
