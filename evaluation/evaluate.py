@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from memfilter.evaluation.generate import generate
+from memfilter.evaluation.generate import generate, read_generations
 from memfilter.evaluation.prompts import load_prompt_file, training_prompts
 from memfilter.evaluation.quality import quality_metrics
 from memfilter.evaluation.replication import (background_similarity, embed, match_grid, nearest_neighbours,
@@ -44,6 +44,8 @@ class EvalSettings:
         grid_rows: top matches in the grid. Default 12.
         inception_path, clip_path: quality weights; None = skipped with a note.
         max_reference: reference images for FID. Default 5000.
+        generations: a folder of earlier generations in generate's layout (<set>/index.parquet and the PNGs, e.g.
+            memfilter-mitigate's output) measured instead of sampling; the pipeline is then not needed. Default None.
     """
 
     num_images_per_prompt: int = 4
@@ -63,6 +65,7 @@ class EvalSettings:
     inception_path: str | None = None
     clip_path: str | None = None
     max_reference: int = 5000
+    generations: str | None = None
 
 
 def evaluate(pipe, training_source, descriptor, out_dir: str | Path, settings: EvalSettings = EvalSettings(),
@@ -71,7 +74,7 @@ def evaluate(pipe, training_source, descriptor, out_dir: str | Path, settings: E
     """Generate, measure replication and quality, write report.json / report.md / PNGs into out_dir.
 
     Args:
-        pipe: StableDiffusionPipeline to sample from.
+        pipe: the pipeline to sample from (None with settings.generations).
         training_source: the run's training data source (Samples with key, image, caption, meta).
         descriptor: evaluation.descriptors.Descriptor (SSCD or the named fallback).
         out_dir: where the report and generations go.
@@ -87,8 +90,12 @@ def evaluate(pipe, training_source, descriptor, out_dir: str | Path, settings: E
 
     meta, reference, train_keys, train_desc = _embed_training_set(
         training_source, descriptor, cache_dir or out / "cache", reference_images, s.max_reference)
-    sets = _prompt_sets(meta, s)
-    rows = _generate(pipe, sets, out, s)
+    if s.generations:                                      # measure earlier generations (e.g. mitigated ones)
+        sets = read_generations(s.generations)
+        rows = [r for set_rows in sets.values() for r in set_rows]
+    else:
+        sets = _prompt_sets(meta, s)
+        rows = _generate(pipe, sets, out, s)
     images = [Image.open(r["path"]).convert("RGB") for r in rows]
     _match(rows, images, descriptor, train_keys, train_desc, meta, s.threshold)
     pq.write_table(pa.Table.from_pylist(rows), out / "generations.parquet")
@@ -98,8 +105,8 @@ def evaluate(pipe, training_source, descriptor, out_dir: str | Path, settings: E
     background_stats = replication_stats(background, s.threshold) if len(background) else None
     _pictures(rows, images, sets, background, descriptor, training_source, out, s)
     # FID against the given reference set, else against the training images drawn while embedding
-    quality = _quality(rows, images, reference_images if reference_images is not None else reference,
-                       str(pipe.device), s)
+    device = str(pipe.device) if pipe is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    quality = _quality(rows, images, reference_images if reference_images is not None else reference, device, s)
 
     report = {
         "evaluated": run_info or {},

@@ -75,3 +75,27 @@ def generate(pipe, prompts: list[dict], out_dir: str | Path, *, set_name: str, n
                          "label": str(p["meta"].get("type", p["meta"].get("label", "")))})
     pq.write_table(pa.Table.from_pylist(rows), folder / "index.parquet")
     return rows
+
+
+def read_generations(folder: str | Path) -> dict[str, list[dict]]:
+    """Earlier generations in `generate`'s layout (<folder>/<set>/index.parquet and its PNGs, as generate and
+    memfilter-mitigate write them): {set name: its index rows}, each row's `path` resolved to an existing file."""
+    folder = Path(folder)
+    indexes = sorted(folder.glob("*/index.parquet"))
+    if not indexes:
+        raise FileNotFoundError(f"evaluation.generations={folder}: no <set>/index.parquet there (the layout "
+                                "memfilter-evaluate and memfilter-mitigate write)")
+    sets = {}
+    for index in indexes:
+        rows = pq.read_table(index).to_pylist()
+        for r in rows:
+            path = Path(r["path"])
+            if not path.is_file():                         # written with a path relative to another directory
+                path = index.parent / path.name
+            if not path.is_file():
+                raise FileNotFoundError(f"evaluation.generations={folder}: {r['path']} listed in {index} is missing")
+            r["path"] = str(path)
+            r["train_keys"] = list(r.get("train_keys") or [])
+            r["label"] = str(r.get("label") or "")
+        sets[index.parent.name] = rows
+    return sets

@@ -62,7 +62,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     train_cfg = OmegaConf.load(run_dir / "config.yaml")
     e = cfg.evaluation
     pipeline = cfg.pipeline or run_dir          # the final pipeline sits at the run's root, as diffusers puts it
-    if not cfg.pipeline and not (run_dir / "model_index.json").exists():
+    if not cfg.pipeline and not e.generations and not (run_dir / "model_index.json").exists():
         raise ConfigError(f"run_dir={run_dir}: no final pipeline (model_index.json); the run did not "
                           "finish: resume it, or name a pipeline with pipeline=<dir>")
     device = _device(cfg.device)
@@ -88,7 +88,10 @@ def evaluate_run(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir or run_dir / "eval")
     info = {"name": run_dir.name, "run_dir": str(run_dir), "pipeline": str(pipeline),
             "filter": train_cfg.filter.get("name"), "steps": train_cfg.get("max_train_steps")}
-    report = evaluate(load_pipeline(pipeline, device), source, descriptor, out, settings,
+    if e.generations:
+        info["generations"] = str(e.generations)
+    pipe = None if e.generations else load_pipeline(pipeline, device)
+    report = evaluate(pipe, source, descriptor, out, settings,
                       cache_dir=e.cache_dir, reference_images=reference, run_info=info)
     print((out / "report.md").read_text())
     return report

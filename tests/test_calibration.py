@@ -112,3 +112,14 @@ def test_bundled_prompt_sets_are_found_by_name():
     assert load_prompt_file("sets:sdv1_500_memorized.jsonl", limit=3) == rows[:3]     # every app takes sets:<name>
     with pytest.raises(FileNotFoundError, match="known"):
         prompt_set("nope.txt")
+
+
+def test_the_training_config_takes_filter_calibration(tmp_path):
+    from memfilter.launch.builders import build_filter
+
+    ts = np.tile(np.arange(0, 1000, 10), 5)
+    path = save_calibration(calibrate(np.linspace(1, 2, ts.size), ts, fpr=0.05), tmp_path / "c.json")
+    fixed = build_filter(compose(["filter=fixed", f"filter.calibration={path}"]).filter, 1000)
+    assert fixed.threshold == load_calibration(path).threshold                      # replaces the yaml's 2.0
+    bucketed = build_filter(compose(["filter=timestep", f"filter.calibration={path}"]).filter, 1000)
+    assert set(bucketed.thresholds()) == {f"threshold/bucket{b}" for b in range(10)}

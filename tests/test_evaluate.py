@@ -93,6 +93,21 @@ def test_evaluate_a_run_and_compare(tmp_path):
     assert (cell["detector"], cell["steps"], cell["generations"]) == ("magnitude", 1, 2)
     assert cell["auc"] == pytest.approx(auc(scores.score.values, scores.label.values))
 
+    # mitigated generations (memfilter-mitigate's layout) measured by the same evaluation, without sampling again
+    from memfilter.launch.evaluate import run as evaluate_app
+    from memfilter.launch.mitigate import run as mitigate_app
+    from tests.conftest import compose
+    mitigate_app(compose([f"pipeline={run_dir}", f"prompts={tmp_path / 'mem.txt'}", "method=embedding", "target=0.01",
+                          "max_iterations=2", "num_generations=2", "num_inference_steps=2", "device=cpu",
+                          f"output={tmp_path / 'mit'}"], "mitigate"))
+    mit = evaluate_app(compose([f"run_dir={run_dir}", f"evaluation.generations={tmp_path / 'mit'}",
+                                "evaluation.background_sample=50", "evaluation.grid_rows=2",
+                                f"output_dir={tmp_path / 'mit-eval'}"], "evaluate"))
+    assert set(mit["replication"]) == {"mem"} and mit["replication"]["mem"]["prompts"] == 2
+    assert mit["evaluated"]["generations"] == str(tmp_path / "mit")
+    index = pd.read_parquet(tmp_path / "mit" / "mem" / "index.parquet")
+    assert len(pd.read_parquet(tmp_path / "mit-eval" / "generations.parquet")) == len(index) == 4
+
     proc = run_cmd([sys.executable, str(REPO / "launch" / "evaluate.py"), f"compare=[{run_dir},{run_dir}]",
                     f"output_dir={tmp_path / 'cmp'}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
