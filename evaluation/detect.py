@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +23,25 @@ class DetectionRun:
     per_step: dict[str, torch.Tensor]
     seconds: dict[str, float] = field(default_factory=dict)
     timesteps: list[int] = field(default_factory=list)
+
+
+class PipelineTrajectory(NamedTuple):
+    """What the trajectory tools (detection, explanation, mitigation) take from a pipeline."""
+    family: object                      # train.families Family over the pipeline's components
+    scheduler: object                   # a copy of the pipeline's scheduler (set_timesteps mutates it)
+    resolution: int                     # image size in pixels
+    latent_shape: tuple                 # (C, h, w) of one latent
+    uncond: dict                        # the empty prompt's conditioning at that size, batch 1
+
+
+def pipeline_trajectory(pipe, resolution: int | None = None) -> PipelineTrajectory:
+    """The family, a scheduler copy, the resolution (default the pipeline's native one), the latent shape and the
+    empty prompt's conditioning of `pipe`."""
+    family = from_pipeline(pipe)
+    res = resolution or family.native_resolution()
+    f = family.vae_scale_factor()
+    return PipelineTrajectory(family, type(pipe.scheduler).from_config(pipe.scheduler.config), res,
+                              (pipe.unet.config.in_channels, res // f, res // f), family.uncond_conditioning(res))
 
 
 def end_token_positions(family, prompts: list[str]) -> torch.Tensor:
@@ -53,12 +73,7 @@ def run_detectors(pipe, prompts: list[str], *, detectors: list[str] | tuple[str,
         resolution: image size; default the pipeline's native one.
         chunk: prompts encoded at once. Default 64.
     """
-    family = from_pipeline(pipe)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)      # a copy: set_timesteps mutates it
-    res = resolution or family.native_resolution()
-    f = family.vae_scale_factor()
-    shape = (pipe.unet.config.in_channels, res // f, res // f)
-    uncond = family.uncond_conditioning(res)
+    family, scheduler, res, shape, uncond = pipeline_trajectory(pipe, resolution)
     kw = dict(num_generations=num_generations, num_steps=num_steps, num_inference_steps=num_inference_steps,
               guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
     run = DetectionRun(per_step={})
@@ -82,4 +97,5 @@ def score_prompts(pipe, prompts: list[str], **kw) -> tuple[torch.Tensor, torch.T
     return detection_scores(mags), mags
 
 
-__all__ = ["DETECTORS", "DetectionRun", "end_token_positions", "run_detectors", "score_prompts"]
+__all__ = ["DETECTORS", "DetectionRun", "PipelineTrajectory", "end_token_positions", "pipeline_trajectory",
+           "run_detectors", "score_prompts"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from memfilter.evaluation.detect import pipeline_trajectory
 from memfilter.filtering.explain import significance_and_magnitudes
-from memfilter.train.families import from_pipeline
 
 END_OF_WORD = "</w>"        # CLIP's BPE marks a word's last piece; shown as a plain word in the image
 
@@ -50,12 +50,7 @@ def explain_prompts(pipe, prompts: list[str], *, num_generations: int = 4, num_s
     """
     if not prompts:
         raise ValueError("prompts: the list is empty; give at least one prompt to explain")
-    family = from_pipeline(pipe)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)     # a copy: set_timesteps mutates it
-    res = resolution or family.native_resolution()
-    f = family.vae_scale_factor()
-    shape = (pipe.unet.config.in_channels, res // f, res // f)
-    uncond = family.uncond_conditioning(res)
+    family, scheduler, res, shape, uncond = pipeline_trajectory(pipe, resolution)
     records = []
     for i, prompt in enumerate(tqdm(prompts, desc="explain", unit="prompt")):
         cond = family.prompt_conditioning([prompt], res)                     # encoder_hidden_states [1, L, D]

@@ -13,11 +13,11 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from memfilter.evaluation.detect import pipeline_trajectory
 from memfilter.filtering.conditioning import as_conditioning
 from memfilter.filtering.mitigate import (DEFAULT_NUM_WORDS, DEFAULT_SIGMA, add_embedding_noise, add_random_numbers,
                                           add_random_tokens, baseline_generator, baseline_rng, first_step_magnitudes,
                                           initial_noise, optimize_prompt_embedding, repeat_words)
-from memfilter.train.families import from_pipeline
 
 METHODS = ("embedding", "random_tokens", "random_numbers", "repeat_words", "embedding_noise", "none")
 TEXT_METHODS = ("random_tokens", "random_numbers", "repeat_words")
@@ -48,12 +48,7 @@ def iter_mitigate(pipe, prompts: list[str], method: str = "embedding", *, target
                   index_offset: int = 0, progress: bool = True) -> Iterator[list[dict]]:
     """`mitigate` one prompt at a time: yields each prompt's rows as soon as its images exist (Args: as mitigate)."""
     check_method(method, target)
-    family = from_pipeline(pipe)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)     # a copy: set_timesteps mutates it
-    res = resolution or family.native_resolution()
-    f = family.vae_scale_factor()
-    shape = (pipe.unet.config.in_channels, res // f, res // f)
-    uncond = family.uncond_conditioning(res)
+    family, scheduler, res, shape, uncond = pipeline_trajectory(pipe, resolution)
     vocabulary = token_vocabulary(pipe.tokenizer) if method == "random_tokens" else None
     steps = dict(num_generations=num_generations, num_inference_steps=num_inference_steps, seed=seed)
     for i, prompt in enumerate(tqdm(prompts, desc=f"mitigate ({method})", unit="prompt", disable=not progress)):

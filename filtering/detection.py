@@ -31,7 +31,8 @@ from memfilter.filtering.signal import eps_scale
 DETECTORS = ("magnitude", "sharpness", "bright_ending")
 
 
-def _seed(seed: int, prompt_index: int, generation: int) -> int:
+def generation_seed(seed: int, prompt_index: int, generation: int) -> int:
+    """The seed of x_T for generation `generation` of prompt `prompt_index` (independent of batching)."""
     return int(hashlib.sha256(f"{seed}/{prompt_index}/{generation}".encode()).hexdigest()[:15], 16)
 
 
@@ -40,7 +41,7 @@ def initial_latents(pairs: list[tuple[int, int]], latent_shape: tuple[int, int, 
     """x_T for (prompt index, generation) pairs, [len(pairs), C, h, w] float32 on generator_device (unscaled: the
     scheduler's init_noise_sigma is applied by the caller)."""
     return torch.stack([torch.randn(latent_shape, generator=torch.Generator(generator_device).manual_seed(
-        _seed(seed, i, j)), device=generator_device) for i, j in pairs])
+        generation_seed(seed, i, j)), device=generator_device) for i, j in pairs])
 
 
 @torch.no_grad()

@@ -306,6 +306,7 @@ class TimestepBucketed(FilterPolicy):
         self._frozen = self.calibration is not None
         if self._frozen:
             self._thresholds = _calibrated_buckets(self.calibration, self.num_buckets, self.num_train_timesteps)
+            self._frozen_table = torch.tensor(self._thresholds)     # [num_buckets], made once, not per batch
 
     def bucket_of(self, t: torch.Tensor) -> torch.Tensor:
         return (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
@@ -315,7 +316,7 @@ class TimestepBucketed(FilterPolicy):
             raise ValueError("the timestep policy needs the timesteps of the batch")
         buckets = self.bucket_of(t)
         if self._frozen:                              # calibrated: fixed per-bucket thresholds, no statistics
-            return m <= torch.tensor(self._thresholds, dtype=m.dtype, device=m.device)[buckets]
+            return m <= self._frozen_table.to(m.device, m.dtype)[buckets]
         keep = torch.ones_like(m, dtype=torch.bool)
         for b in buckets.unique().tolist():          # thresholds from past batches only
             win = self._wins[b]

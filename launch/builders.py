@@ -21,6 +21,12 @@ from memfilter.toyworld.world import ToyWorld, ToyWorldDataset, WorldSpec
 BUILTIN = "builtin:"
 
 
+def resolve_device(name: str) -> str:
+    """`device=auto` is cuda where torch sees a GPU, else cpu; any other name as it is."""
+    import torch
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def resolve_pretrained(pretrained: str) -> str:
     """`builtin:<name>` is a model shipped in the repo (toyworld/assets/<name>); anything else is returned as is."""
     if not str(pretrained).startswith(BUILTIN):

@@ -19,12 +19,10 @@ from memfilter.launch.config_check import ConfigError, run_or_exit  # noqa: E402
 
 
 def run(cfg: DictConfig) -> dict:
-    import torch
-
     from memfilter.evaluation.detect import run_detectors
     from memfilter.evaluation.detect_report import write_report
     from memfilter.evaluation.generate import load_pipeline
-    from memfilter.launch.builders import resolve_pretrained
+    from memfilter.launch.builders import resolve_device, resolve_pretrained
 
     rows = _prompt_rows(cfg)
     out = Path(cfg.output)
@@ -36,7 +34,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"grid_steps={steps} and grid_generations={gens} must lie in 1..num_steps="
                           f"{cfg.num_steps} and 1..num_generations={cfg.num_generations} (the pass they are taken "
                           "from)")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     try:
         pipe = load_pipeline(resolve_pretrained(cfg.pipeline), device)
     except (OSError, ValueError) as e:

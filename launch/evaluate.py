@@ -21,13 +21,6 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from memfilter.launch.config_check import ConfigError, run_or_exit  # noqa: E402
 
 
-def _device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def run(cfg: DictConfig) -> dict:
     """Evaluate cfg.run_dir (or compare cfg.compare); returns the report."""
     from memfilter.evaluation.report import compare
@@ -54,7 +47,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     from memfilter.evaluation.descriptors import load_descriptor
     from memfilter.evaluation.evaluate import EvalSettings, evaluate
     from memfilter.evaluation.generate import load_pipeline
-    from memfilter.launch.builders import build_dataset
+    from memfilter.launch.builders import build_dataset, resolve_device
 
     run_dir = Path(cfg.run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -65,7 +58,7 @@ def evaluate_run(cfg: DictConfig) -> dict:
     if not cfg.pipeline and not e.generations and not (run_dir / "model_index.json").exists():
         raise ConfigError(f"run_dir={run_dir}: no final pipeline (model_index.json); the run did not "
                           "finish: resume it, or name a pipeline with pipeline=<dir>")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     try:
         descriptor = load_descriptor(e.descriptor, e.sscd_path, e.preprocessing, device=device)
     except FileNotFoundError as err:

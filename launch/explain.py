@@ -63,17 +63,15 @@ def _check_settings(cfg: DictConfig, out: Path, n_prompts: int) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    import torch
-
     from memfilter.evaluation.explain import explain_prompts, render_tokens
     from memfilter.evaluation.generate import load_pipeline
-    from memfilter.launch.builders import resolve_pretrained
+    from memfilter.launch.builders import resolve_device, resolve_pretrained
     from memfilter.train.families import from_pipeline
 
     rows = _prompt_rows(cfg)
     out = Path(cfg.output)
     _check_settings(cfg, out, len(rows))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     try:
         pipe = load_pipeline(resolve_pretrained(cfg.pipeline), device)
     except (OSError, ValueError) as e:

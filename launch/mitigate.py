@@ -68,13 +68,12 @@ def check_output(out: Path, set_name: str) -> None:
 def run(cfg: DictConfig) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
     from memfilter.evaluation.generate import load_pipeline
     from memfilter.evaluation.mitigate import iter_mitigate
     from memfilter.evaluation.prompts import load_prompt_file
-    from memfilter.filtering.detection import _seed
-    from memfilter.launch.builders import resolve_pretrained
+    from memfilter.filtering.detection import generation_seed
+    from memfilter.launch.builders import resolve_device, resolve_pretrained
 
     t0 = time.time()
     check_settings(cfg)
@@ -86,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"prompts={cfg.prompts}: the file holds no prompts")
     set_name, out = Path(str(cfg.prompts).removeprefix("sets:")).stem, Path(cfg.output)
     check_output(out, set_name)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     try:
         pipe = load_pipeline(resolve_pretrained(cfg.pipeline), device)
     except (OSError, ValueError) as e:
@@ -103,7 +102,7 @@ def run(cfg: DictConfig) -> dict:
             path = folder / f"{i:05d}-{j:02d}.png"
             r.pop("image").save(path)
             table.append({"set": set_name, "prompt_id": i, "prompt": r["prompt"], "image_index": j,
-                          "seed": _seed(cfg.seed, i, j), "path": str(path),
+                          "seed": generation_seed(cfg.seed, i, j), "path": str(path),
                           "dup_group": int(meta.get("dup_group", -1)),
                           "train_keys": list(map(str, meta.get("keys", []))),
                           "label": str(meta.get("type", meta.get("label", ""))),

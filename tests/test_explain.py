@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from memfilter.filtering.detection import _seed, trajectory_magnitudes
+from memfilter.filtering.detection import generation_seed, trajectory_magnitudes
 from memfilter.filtering.explain import significance_and_magnitudes, step_gradients, token_significance
 from memfilter.launch.config_check import ConfigError
 from memfilter.train.families import build_tiny, build_tiny_sdxl, get_family
@@ -49,7 +49,7 @@ def test_gradient_matches_finite_differences_at_steps_one_and_two(prediction_typ
     # the trajectory rebuilt here: x_T of (seed 3, prompt 2, generation 0), one true-CFG DDIM step u + g (c - u)
     sched.set_timesteps(5)
     t0, t1 = sched.timesteps[:2]
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(_seed(3, 2, 0))).double()[None]
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(generation_seed(3, 2, 0))).double()[None]
     x = x * sched.init_noise_sigma
     with torch.no_grad():
         pc, pu = (unet(x, t0, encoder_hidden_states=e).sample for e in (cond, uncond))
@@ -76,7 +76,7 @@ def test_the_prompt_rows_are_differentiated_not_the_swapped_ones():
                                 num_inference_steps=5)
     sched.set_timesteps(5)
     t = sched.timesteps[0]
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(_seed(0, 0, 0)))[None] * sched.init_noise_sigma
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(generation_seed(0, 0, 0)))[None] * sched.init_noise_sigma
 
     def grad_norms(differentiated, fixed):
         e = differentiated.clone().requires_grad_(True)
