@@ -219,3 +219,55 @@ def test_step_stats_travel_by_name_through_one_gather_with_exact_48_bit_ids():
         want = torch.cat([getattr(p, name) for p in parts])
         assert torch.equal(getattr(real, name), want.to(getattr(real, name).dtype)), name
     assert real.groups.max() == 2 ** 48 - 1 and real.groups.dtype == torch.long
+
+
+def test_anchored_rows_train_toward_the_reference_and_protected_rows_never_do(scheduler):
+    """dropped_samples=anchor, by definition: the loss is the kept rows' MSE to the target plus, for each row the
+    policy drops, the MSE to the reference's prediction at the same x_t, t and caption; a row the policy may not
+    judge (protected, caption dropped) is never anchored; the global count is the dropped judged rows."""
+    import copy as _copy
+
+    import torch.nn.functional as F
+
+    from memfilter.filtering.policies import BatchQuantile
+    from memfilter.train.step import filtered_diffusion_step
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        net = UNet2DConditionModel(
+            sample_size=H, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(32, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=D, attention_head_dim=8, norm_num_groups=32)
+    ref_net = _copy.deepcopy(net)
+    with torch.no_grad():                       # a reference that differs from the trained model
+        for p in ref_net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(7)
+    latents, embeds, uncond = torch.randn(8, C, H, W, generator=g), torch.randn(8, L, D, generator=g), torch.zeros(1, L, D)
+    eligible = torch.tensor([True] * 6 + [False] * 2)
+    seen = {}
+
+    def reference(x_t, t, cond):
+        seen["rows"] = x_t.shape[0]
+        return ref_net(x_t, t, **cond).sample
+
+    def run(ref):
+        return filtered_diffusion_step(net, scheduler, latents, embeds, uncond, BatchQuantile(drop_fraction=0.5),
+                                       torch.Generator().manual_seed(11), eligible=eligible, reference=ref,
+                                       anchor_weight=0.5)
+    plain, out = run(None), run(reference)
+    assert torch.equal(plain.keep, out.keep) and plain.anchored_global == 0
+    dropped = eligible & ~out.keep
+    assert out.anchored_global == int(dropped.sum()) == seen["rows"] > 0
+    assert out.keep[~eligible].all()                                      # never judged: kept, never anchored
+    # the definition written out, from the same noise and timesteps
+    gen = torch.Generator().manual_seed(11)
+    from memfilter.train.noise import NoiseArgs, training_inputs
+    drawn = training_inputs(net, scheduler, latents, gen, NoiseArgs(), {"encoder_hidden_states": embeds}, None)
+    with torch.no_grad():
+        pred = net(drawn.noisy, drawn.timesteps, encoder_hidden_states=embeds).sample
+        ref = ref_net(drawn.noisy, drawn.timesteps, encoder_hidden_states=embeds).sample
+    kept_loss = F.mse_loss(pred, drawn.target, reduction="none").mean(dim=(1, 2, 3))[out.keep].sum()
+    anchor_loss = F.mse_loss(pred, ref, reduction="none").mean(dim=(1, 2, 3))[dropped].sum()
+    torch.testing.assert_close(out.loss_sum.detach(), kept_loss + 0.5 * anchor_loss)
+    torch.testing.assert_close(plain.loss_sum.detach(), kept_loss)

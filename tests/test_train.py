@@ -70,6 +70,43 @@ def test_every_sample_dropped_is_safe(tmp_path):
     assert all(torch.equal(initial[k], trained[k]) for k in initial)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_sample_anchored_keeps_the_base_and_counts_them(tmp_path, lora):
+    """dropped_samples=anchor with every sample dropped: each one is trained toward the model before fine-tuning,
+    which the model still is, so the gradient is exactly zero and (without weight decay) the weights stay the base's,
+    yet the steps are not skipped: the anchored samples are in the loss (LoRA: the base is the UNet without its
+    adapters)."""
+    extra = ["model.lora.rank=4"] if lora else []
+    run_dir, summary = train_in_process(tmp_path, [
+        "filter=fixed", "filter.threshold=1e-12", "proportion_empty_prompts=0", "max_train_steps=3",
+        "optim.lr_warmup_steps=0", "optim.adam_weight_decay=0", "dropped_samples=anchor", *extra])
+    assert summary["skipped_steps"] == 0 and summary["samples_kept"] == 0
+    assert summary["samples_anchored"] == summary["samples_seen"] == 12
+    if lora:
+        adapters = load_file(run_dir / "pytorch_lora_weights.safetensors")
+        assert all(not v.abs().sum() for k, v in adapters.items() if "lora_B" in k or "lora.up" in k)
+        return
+    from memfilter.launch.builders import build_components
+    cfg = compose(["model=tiny", "model.tiny.resolution=16", "model.tiny.block_out_channels=[32,32]",
+                   "model.tiny.vae_channels=[32,32]"])
+    initial = build_components(cfg.model).unet.state_dict()
+    trained = UNet2DConditionModel.from_pretrained(run_dir / "unet").state_dict()
+    assert all(torch.equal(initial[k], trained[k]) for k in initial)
+
+
+def test_anchoring_changes_the_update_of_a_filtered_run(tmp_path):
+    """Half of each batch dropped: anchoring those samples moves the weights differently from leaving them out."""
+    common = ["filter=batch_quantile", "filter.drop_fraction=0.5", "max_train_steps=2", "proportion_empty_prompts=0"]
+    a, sa = train_in_process(tmp_path / "a", common)
+    b, sb = train_in_process(tmp_path / "b", common + ["dropped_samples=anchor"])
+    assert sa["samples_anchored"] == 0 and sb["samples_anchored"] == sb["samples_seen"] - sb["samples_kept"] == 4
+    ra, rb = (read_records(d / "records").to_pandas() for d in (a, b))
+    np.testing.assert_array_equal(ra[ra.step == 1].kept, rb[rb.step == 1].kept)    # the same step-1 decisions
+    ua = UNet2DConditionModel.from_pretrained(a / "unet").state_dict()
+    ub = UNet2DConditionModel.from_pretrained(b / "unet").state_dict()
+    assert any(not torch.equal(ua[k], ub[k]) for k in ua)
+
+
 def test_filter_changes_the_update(tmp_path):
     """Dropping samples changes the weights (the loss really excludes them), keeping all does not drop any."""
     a, sa = train_in_process(tmp_path / "a", ["filter=none", "max_train_steps=2", "proportion_empty_prompts=0"])

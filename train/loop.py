@@ -126,6 +126,11 @@ class TrainArgs(NoiseArgs):
                                        "rows a process buffers before writing a Parquet part")
     log_magnitudes: bool = setting(True, "true or false", lambda v: isinstance(v, bool),
                                    "with filter=none, still measure m (one extra no-grad forward a step)")
+    dropped_samples: str = setting("drop", "drop or anchor", lambda v: v in ("drop", "anchor"),
+                                   "what a sample the filter drops does: leave the loss (drop), or train toward "
+                                   "the base model's prediction for it (anchor: keeps what its caption names)")
+    anchor_weight: float = setting(1.0, "a number > 0", num_in(0, math.inf, lo_open=True),
+                                   "weight of an anchored sample's loss (dropped_samples=anchor)")
 
     def __post_init__(self):
         check_settings(self)
@@ -167,6 +172,7 @@ class TrainState:
     nonfinite_steps: int = 0        # steps whose gradient norm was inf or NaN (no optimizer or EMA step)
     samples_seen: int = 0           # global, all ranks
     samples_kept: int = 0
+    samples_anchored: int = 0       # dropped samples trained toward the base (dropped_samples=anchor)
     dup_seen: int = 0
     dup_kept: int = 0
     positions: dict = field(default_factory=dict)   # streaming: logical worker -> stream position
@@ -296,6 +302,9 @@ class _Run:
         self.export_c = self.family.frozen_copy(frozen_unet) if low else c
         self.family.prepare_frozen(dev, self.weight_dtype)
         unet = c.unet
+        # dropped_samples=anchor: the model before fine-tuning, frozen (LoRA: the same UNet, adapters disabled)
+        self.reference_unet = (copy.deepcopy(unet).requires_grad_(False).eval().to(dev, dtype=self.weight_dtype)
+                               if args.dropped_samples == "anchor" and not args.lora_rank else None)
         if args.lora_rank:
             with torch.random.fork_rng(devices=[]):      # the same adapters for every run with this seed
                 torch.manual_seed(args.seed)
@@ -341,6 +350,17 @@ class _Run:
         register_diffusers_format(self.accelerator, self.family, self.ema, lora=bool(args.lora_rank))
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]   # as prepared (wrappers may replace)
+
+    def reference(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The base model's prediction (no grad), the target of an anchored sample."""
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.reference_unet is not None:
+                return self.reference_unet(x_t, t, **cond).sample
+            self.raw_unet.disable_adapters()         # LoRA: the base is the same UNet without its adapters
+            try:
+                return self.raw_unet(x_t, t, **cond).sample
+            finally:
+                self.raw_unet.enable_adapters()
 
     def build_data(self, dataset, optim: OptimArgs) -> None:
         """The feed (train.data.feed), the run length and the lr schedule (a function of data consumed)."""
@@ -409,7 +429,8 @@ class _Run:
         return pixels, latents, family.unet_kwargs(text, **sizes), family.uncond_like(self.empty, n, **sizes), judged
 
     def micro_step(self, stream, micro: int) -> int:
-        """One micro-batch: condition, filtered step, backward, records. Returns the global kept count."""
+        """One micro-batch: condition, filtered step, backward, records. Returns the global count of samples in the
+        loss (kept, plus anchored with dropped_samples=anchor)."""
         args, state, dev = self.args, self.state, self.dev
         epoch, consumed, last_of_epoch, batch = next(stream)
         if epoch != state.epoch:
@@ -438,7 +459,9 @@ class _Run:
                 is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=self.raw_unet,
                 snr_gamma=args.snr_gamma, noise=args, gather=self.accelerator.gather,
                 rank=self.rank, autocast=self.accelerator.autocast, compute_magnitude=self.compute_m,
-                valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups)
+                valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups,
+                reference=self.reference if args.dropped_samples == "anchor" else None,
+                anchor_weight=args.anchor_weight)
             # x world: DDP averages gradients over ranks, we want their sum (divided by the kept total later)
             self.accelerator.backward(out.loss_sum * self.world)
         self.records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
@@ -450,9 +473,10 @@ class _Run:
         g = out.stats
         state.samples_seen += g.keep.numel()
         state.samples_kept += int(g.keep.sum())
+        state.samples_anchored += out.anchored_global
         state.dup_seen += int(g.duplicate.sum())
         state.dup_kept += int((g.duplicate & g.keep).sum())
-        return out.kept_global
+        return out.kept_global + out.anchored_global     # the samples in the loss: the gradient's divisor
 
     def update(self, kept_total: int) -> None:
         """The optimizer, EMA and schedule step of a global step (module docstring: counting)."""
@@ -538,7 +562,7 @@ class _Run:
         return {
             "steps": s.global_step, "skipped_steps": s.skipped_steps, "nonfinite_steps": s.nonfinite_steps,
             "epochs": round(s.epoch + s.batches_in_epoch / self.batches_per_epoch, 3),
-            "samples_seen": s.samples_seen, "samples_kept": s.samples_kept,
+            "samples_seen": s.samples_seen, "samples_kept": s.samples_kept, "samples_anchored": s.samples_anchored,
             "kept_fraction": s.samples_kept / max(1, s.samples_seen),
             "dup_kept_fraction": s.dup_kept / s.dup_seen if s.dup_seen else None,
             "nondup_kept_fraction": ((s.samples_kept - s.dup_kept) / (s.samples_seen - s.dup_seen)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memfilter.filtering.conditioning import as_conditioning
+from memfilter.filtering.conditioning import as_conditioning, select
 from memfilter.filtering.policies import FilterPolicy
 from memfilter.filtering.signal import text_noise_magnitude
 from memfilter.train.noise import NoiseArgs, training_inputs
@@ -71,6 +71,7 @@ class StepOutput:
     eligible: torch.Tensor         # [B] bool, False where the caption was dropped for CFG
     stats: StepStats               # the valid rows of all ranks, with the decision
     kept_global: int               # kept samples in the global micro-batch
+    anchored_global: int = 0       # dropped samples trained toward the reference instead (`reference`)
 
 
 def snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -104,6 +105,8 @@ def filtered_diffusion_step(
     valid: torch.Tensor | None = None,
     pad_to: int | None = None,
     groups: torch.Tensor | None = None,
+    reference: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None,
+    anchor_weight: float = 1.0,
 ) -> StepOutput:
     """Loss of one micro-batch with the magnitude filter applied.
 
@@ -133,6 +136,11 @@ def filtered_diffusion_step(
         pad_to: the full per-rank batch size; smaller batches are padded in the gather. Default B.
         groups: [B] or [B, G] int64 item ids (filtering.policies.item_groups: caption and image hashes,
             < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
+        reference: `reference(x_t, t, cond) -> prediction` of the model before fine-tuning (no grad), or None
+            (default): a dropped sample then leaves the loss. With a reference, a sample the policy drops is
+            *anchored* instead: its loss is ||pred - reference||^2 (times `anchor_weight`, Min-SNR weighted like
+            the rest), so the model keeps what the base model does for that caption (the content the prompt names)
+            without learning the image it would reproduce. The anchored rows cost one more no-grad forward.
     """
     b, dev, ptype = latents.shape[0], latents.device, noise_scheduler.config.prediction_type
     drawn = training_inputs(magnitude_unet or unet, noise_scheduler, latents, generator, noise or NoiseArgs(),
@@ -161,5 +169,27 @@ def filtered_diffusion_step(
     keep = g.keep[rank * width:rank * width + b].to(dev)
     # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the forward sum
     loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
+    anchored_global = 0
+    if reference is not None:
+        # the same global count on every rank: a dropped row is a valid, judged row the decision did not keep
+        anchored_global = int((g.valid & g.eligible & ~g.keep).sum())
+        loss_sum = loss_sum + anchor_weight * _anchor_loss(pred, noisy, timesteps, cond, reference,
+                                                           valid & eligible & ~keep, noise_scheduler, snr_gamma)
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
-                      keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()))
+                      keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()),
+                      anchored_global=anchored_global)
+
+
+def _anchor_loss(pred, noisy, timesteps, cond, reference, rows: torch.Tensor, noise_scheduler,
+                 snr_gamma: float | None) -> torch.Tensor:
+    """Sum over `rows` [B] of ||pred - reference(x_t, t, cond)||^2 (mean over elements): zero with a graph when
+    no row is anchored, so every rank's backward covers the same parameters."""
+    idx = rows.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return pred.sum() * 0.0
+    with torch.no_grad():
+        ref = reference(noisy[idx], timesteps[idx], select(as_conditioning(cond), idx)).float()
+    loss = F.mse_loss(pred[idx].float(), ref, reduction="none").mean(dim=(1, 2, 3))    # [n]
+    if snr_gamma:
+        loss = loss * snr_weights(noise_scheduler, timesteps[idx], snr_gamma)
+    return loss.sum()
