@@ -137,6 +137,19 @@ def build_filter(filter_cfg: DictConfig, num_train_timesteps: int):
     return build_policy(filter_cfg.name, **kwargs)
 
 
+def build_mitigation(mitigation_cfg: DictConfig, components, seed: int):
+    """The training-time baseline (mitigation=...; train.mitigation), its vocabulary from the model's tokenizer."""
+    from memfilter.train.mitigation import Mitigation, MitigationArgs, tokenizer_vocabulary
+
+    try:
+        args = MitigationArgs(**OmegaConf.to_container(mitigation_cfg, resolve=True))
+        vocabulary = tokenizer_vocabulary(components.tokenizer) if args.name in ("random_caption",
+                                                                                 "random_tokens") else []
+        return Mitigation(args, vocabulary, seed)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+
+
 def build_protect(filter_cfg: DictConfig) -> Protect:
     """The samples the filter exempts (filter.protect)."""
     try:

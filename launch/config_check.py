@@ -81,6 +81,7 @@ def check_train_config(cfg: DictConfig, cuda_available: bool) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_filter_builds(cfg)
+    _check_mitigation(cfg)
     if cfg.mixed_precision == "fp16" and not cuda_available:
         raise ConfigError("mixed_precision=fp16 needs a CUDA GPU; on CPU use mixed_precision=bf16 or no")
     if cfg.use_ema and cfg.model.lora.rank:
@@ -132,6 +133,21 @@ def _check_filter_builds(cfg: DictConfig) -> None:
         raise ConfigError(f"filter={cfg.filter.name}: {e}; see conf/filter/{cfg.filter.name}.yaml for its keys") from e
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _check_mitigation(cfg: DictConfig) -> None:
+    """The training-time baseline's settings (train.mitigation.MitigationArgs) and its caption file, at start."""
+    from omegaconf import OmegaConf
+
+    from memfilter.train.mitigation import MitigationArgs, read_caption_file
+    try:
+        args = MitigationArgs(**OmegaConf.to_container(cfg.mitigation, resolve=True))
+        if args.name == "multiple_captions":
+            read_caption_file(args.caption_file)
+    except TypeError as e:                         # a key MitigationArgs has no field for
+        raise ConfigError(f"mitigation: {e}; train/mitigation.py MitigationArgs lists its keys") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_value(cfg, key, ok, must):

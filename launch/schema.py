@@ -4,6 +4,7 @@ conf/*.yaml hold only what differs and a key no dataclass has is an error when H
     settings/train              train.loop.TrainArgs (+ mixed_precision, the Accelerator's)
     settings/optim              train.loop.OptimArgs
     settings/filter/<name>      the filter policy's dataclass (filtering.policies.POLICIES), with its name
+    settings/mitigation         train.mitigation.MitigationArgs (the training-time baselines)
     settings/model/tiny         train.families.sd.build_tiny's arguments (the tiny model built from config)
     settings/curate             the curation pass's score.* (filtering.curate.ScoreArgs) and decide.*
                                 (filtering.curation.DecideArgs)
@@ -22,7 +23,7 @@ from memfilter.filtering.settings import defaults, signature_defaults
 # keys a policy takes from the loop, not from the config
 FROM_LOOP = ("num_train_timesteps",)
 # the train config's keys that are not TrainArgs fields: config groups, and what configures the Accelerator
-GROUPS = ("model", "data", "filter", "optim", "logger")
+GROUPS = ("model", "data", "filter", "optim", "logger", "mitigation")
 APP_KEYS = {"mixed_precision": None}
 _done = False
 
@@ -42,6 +43,8 @@ def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="settings", name="train", node=train_node())
     cs.store(group="settings", name="optim", node=defaults(OptimArgs))
+    from memfilter.train.mitigation import MitigationArgs
+    cs.store(group="settings", name="mitigation", node=defaults(MitigationArgs))
     for name, cls in POLICIES.items():
         cs.store(group="settings/filter", name=name, node={"name": name, **defaults(cls, exclude=FROM_LOOP)})
     from memfilter.train.families import build_tiny

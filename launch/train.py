@@ -28,7 +28,8 @@ def run(cfg: DictConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list
 
-    from memfilter.launch.builders import build_components, build_dataset, build_filter, build_protect, native_resolution
+    from memfilter.launch.builders import (build_components, build_dataset, build_filter, build_mitigation,
+                                          build_protect, native_resolution)
     from memfilter.train.loop import train
     from memfilter.train.tracking import NullTracker
 
@@ -64,13 +65,14 @@ def run(cfg: DictConfig) -> dict:
 
     policy = build_filter(cfg.filter, components.noise_scheduler.config.num_train_timesteps)
     protect = build_protect(cfg.filter)
+    mitigation = build_mitigation(cfg.mitigation, components, cfg.seed)
     args, optim = train_args(cfg)
     tracker = build_tracker(cfg.logger, run_dir, resolved) if accelerator.is_main_process else NullTracker()
     log.info("run directory: %s (%d process(es), %s, filter=%s)", run_dir, accelerator.num_processes,
              accelerator.device, policy.name)
     try:
         summary = train(accelerator, components, dataset, policy, args, optim, tracker, config=resolved,
-                        protect=protect)
+                        protect=protect, mitigation=mitigation)
     finally:
         tracker.finish()
     if accelerator.is_main_process:

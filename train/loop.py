@@ -48,6 +48,7 @@ from memfilter.train.data.transforms import ImageTransform
 from memfilter.train.data.feed import data_stream, make_feed
 from memfilter.train.export import export_pipeline, save_images, validation_images, write_model_card
 from memfilter.train.families import get_family
+from memfilter.train.mitigation import Mitigation
 from memfilter.train.models import Components, add_lora
 from memfilter.train.noise import NoiseArgs, check_noise
 from memfilter.train.step import StepStats, filtered_diffusion_step
@@ -228,7 +229,7 @@ class _RankStates:
 
 def train(accelerator, components: Components, dataset, policy: FilterPolicy, args: TrainArgs,
           optim: OptimArgs = OptimArgs(), tracker=None, config: dict | None = None,
-          protect: Protect | None = None) -> dict:
+          protect: Protect | None = None, mitigation: Mitigation | None = None) -> dict:
     """Fine-tune `components.unet` on `dataset` with `policy` filtering every step.
 
     Args:
@@ -243,11 +244,12 @@ def train(accelerator, components: Components, dataset, policy: FilterPolicy, ar
         tracker: WandbTracker on the main process, NullTracker (default) elsewhere.
         config: the resolved config, copied into checkpoints and the run directory.
         protect: samples the policy never judges (intended memorization); default none.
+        mitigation: a training-time baseline perturbing captions or text embeddings (train.mitigation); default none.
     Returns:
         The run summary (also written to <output_dir>/train_summary.json).
     """
     t0 = time.time()
-    run = _Run(accelerator, components, policy, args, tracker or NullTracker(), config, protect)
+    run = _Run(accelerator, components, policy, args, tracker or NullTracker(), config, protect, mitigation)
     run.build_model()
     run.build_optimizer(optim)
     run.build_data(dataset, optim)
@@ -269,7 +271,7 @@ class _Run:
     data, resume, then per step `micro_step` x accumulation, `update`, `after_step`; `finish` exports."""
 
     def __init__(self, accelerator, components: Components, policy: FilterPolicy, args: TrainArgs, tracker,
-                 config: dict | None, protect: Protect | None):
+                 config: dict | None, protect: Protect | None, mitigation: Mitigation | None = None):
         from accelerate.utils import DistributedType
 
         if accelerator.gradient_accumulation_steps != 1:
@@ -279,6 +281,7 @@ class _Run:
                              "by the global kept count itself and exports on rank 0; use DDP (multi_gpu)")
         self.accelerator, self.c, self.policy, self.args = accelerator, components, policy, args
         self.tracker, self.config, self.protect = tracker, config, protect
+        self.mitigation = mitigation if mitigation is not None and mitigation.active else None
         self.family = get_family(components)
         self.run_dir = Path(args.output_dir)
         self.dev, self.rank, self.world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -423,10 +426,20 @@ class _Run:
         judged = ~dropped
         if self.protect and b:         # intended memorization: kept, and out of the policy's statistics
             judged[:b] &= ~self.protect.mask(batch["keys"], batch["captions"]).to(dev)
-        text = where(dropped, self.empty, family.encode_text({k: batch[k].to(dev) for k in self.tokenize.tokenizers}))
+        text = where(dropped, self.empty, self._text(batch, b))
         sizes = {"resolution": args.resolution, "original_sizes": batch["original_sizes"],
                  "crop_top_lefts": batch["crop_top_lefts"]}
         return pixels, latents, family.unet_kwargs(text, **sizes), family.uncond_like(self.empty, n, **sizes), judged
+
+    def _text(self, batch: dict, b: int) -> dict:
+        """The micro-batch's text conditioning, after the training-time baseline when there is one."""
+        tokens, mit, step = batch, self.mitigation, self.state.global_step
+        if mit is not None and b:
+            captions = mit.captions(batch["captions"], batch["keys"], step)
+            if captions != batch["captions"]:
+                tokens = self.tokenize(captions)
+        text = self.family.encode_text({k: tokens[k].to(self.dev) for k in self.tokenize.tokenizers})
+        return mit.embeddings(text, batch["keys"], step) if mit is not None and b else text
 
     def micro_step(self, stream, micro: int) -> int:
         """One micro-batch: condition, filtered step, backward, records. Returns the global count of samples in the
@@ -569,6 +582,7 @@ class _Run:
                                      if s.samples_seen > s.dup_seen else None),
             "samples_per_epoch": self.batches_per_epoch * args.train_batch_size * self.world,
             "data_skipped": data_summary["skipped"], "world_size": self.world, "policy": self.policy.name,
+            "mitigation": self.mitigation.args.name if self.mitigation else "none",
             "wall_seconds": round(time.time() - t0, 1), "family": self.family.name,
             "pipeline": str(self.run_dir), "records": str(self.run_dir / "records"),
         }
