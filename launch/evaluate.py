@@ -4,6 +4,7 @@
     python launch/evaluate.py run_dir=<run> evaluation.descriptor=sscd evaluation.sscd_path=<file> \
         evaluation.inception_path=<file> evaluation.clip_path=<dir>
     python launch/evaluate.py compare=[outputs/train/a,outputs/train/b] output_dir=outputs/compare
+    python launch/evaluate.py run_dir=<a toy-world run> toy_world=true    # the world's readers and copy detector
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def evaluate_run(cfg: DictConfig) -> dict:
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"run_dir={run_dir}: no config.yaml; give the directory of a memfilter training run")
     train_cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.toy_world:
+        return evaluate_world_run(cfg, run_dir, train_cfg)
     e = cfg.evaluation
     pipeline = cfg.pipeline or run_dir          # the final pipeline sits at the run's root, as diffusers puts it
     if not cfg.pipeline and not e.generations and not (run_dir / "model_index.json").exists():
@@ -86,6 +89,50 @@ def evaluate_run(cfg: DictConfig) -> dict:
     pipe = None if e.generations else load_pipeline(pipeline, device)
     report = evaluate(pipe, source, descriptor, out, settings,
                       cache_dir=e.cache_dir, reference_images=reference, run_info=info)
+    print((out / "report.md").read_text())
+    return report
+
+
+def evaluate_world_run(cfg: DictConfig, run_dir: Path, train_cfg: DictConfig) -> dict:
+    """A run fine-tuned on the toy world, measured as the demo measures it (toyworld.evaluate: step-1 detection,
+    replication by the world's detail descriptor against its calibrated bar, prompt fidelity, the filter's decisions
+    against the ground truth); report.json and report.md in <run_dir>/eval (or output_dir)."""
+    from memfilter.evaluation.generate import load_pipeline
+    from memfilter.launch.builders import build_world, resolve_device
+    from memfilter.toyworld.evaluate import WorldEvalSettings, evaluate_world, to_json
+    from memfilter.toyworld.world import load_world
+
+    data = train_cfg.data
+    if data.name == "world":
+        world = build_world(data, prefix="data")
+    elif data.name == "webdataset" and (Path(str(data.shards)).parent / "world.json").is_file():
+        world = load_world(Path(str(data.shards)).parent)
+    else:
+        raise ConfigError(f"toy_world=true: run_dir={run_dir} was not trained on the toy world (data={data.name}, "
+                          "and no world.json beside its shards); evaluate it with toy_world=false")
+    if not (run_dir / "model_index.json").exists():
+        raise ConfigError(f"run_dir={run_dir}: no final pipeline (model_index.json); the run did not finish")
+    out = Path(cfg.output_dir or run_dir / "eval")
+    if (out / "report.json").exists():
+        raise ConfigError(f"{out} already holds an evaluation (report.json); memfilter never overwrites one: "
+                          "choose another output_dir")
+    settings = WorldEvalSettings(**OmegaConf.to_container(cfg.world_evaluation, resolve=True), seed=cfg.seed)
+    result = evaluate_world(load_pipeline(run_dir, resolve_device(cfg.device)), world, settings,
+                            records_dir=run_dir / "records")
+    out.mkdir(parents=True, exist_ok=True)
+    report = to_json(result)
+    report["evaluated"] = {"name": run_dir.name, "run_dir": str(run_dir), "filter": train_cfg.filter.get("name")}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    r, f, d = result["replication"], result["fidelity"], result["detection"]
+    lines = [f"# memfilter world evaluation: {run_dir.name}", "", "| prompts | replicated | items replicated | "
+             "fidelity |", "| --- | --- | --- | --- |"]
+    for name in ("duplicated", "unique", "concept"):
+        if r.get(name):
+            lines.append(f"| {name} | {r[name]['replicated_fraction']:.1%} | {r[name]['items_replicated']} | "
+                         f"{f[name]['all']:.1%} |")
+    lines += ["", f"Step-1 detection of duplicated vs unique training captions: AUC {d['auc']:.3f}.",
+              f"Replication bar {r['bar']['bar']:.3f} ({result['descriptor']}).", ""]
+    (out / "report.md").write_text("\n".join(lines))
     print((out / "report.md").read_text())
     return report
 

@@ -5,6 +5,8 @@ conf/*.yaml hold only what differs and a key no dataclass has is an error when H
     settings/optim              train.loop.OptimArgs
     settings/filter/<name>      the filter policy's dataclass (filtering.policies.POLICIES), with its name
     settings/mitigation         train.mitigation.MitigationArgs (the training-time baselines)
+    settings/sweep              launch.sweep.SweepArgs (how each job of a multirun runs)
+    settings/world_evaluation   toyworld.evaluate.WorldEvalSettings (launch/evaluate.py toy_world=true)
     settings/model/tiny         train.families.sd.build_tiny's arguments (the tiny model built from config)
     settings/curate             the curation pass's score.* (filtering.curate.ScoreArgs) and decide.*
                                 (filtering.curation.DecideArgs)
@@ -23,7 +25,7 @@ from memfilter.filtering.settings import defaults, signature_defaults
 # keys a policy takes from the loop, not from the config
 FROM_LOOP = ("num_train_timesteps",)
 # the train config's keys that are not TrainArgs fields: config groups, and what configures the Accelerator
-GROUPS = ("model", "data", "filter", "optim", "logger", "mitigation")
+GROUPS = ("model", "data", "filter", "optim", "logger", "mitigation", "sweep")
 APP_KEYS = {"mixed_precision": None}
 _done = False
 
@@ -45,6 +47,10 @@ def register() -> None:
     cs.store(group="settings", name="optim", node=defaults(OptimArgs))
     from memfilter.train.mitigation import MitigationArgs
     cs.store(group="settings", name="mitigation", node=defaults(MitigationArgs))
+    from memfilter.launch.sweep import SweepArgs
+    cs.store(group="settings", name="sweep", node=defaults(SweepArgs))
+    from memfilter.toyworld.evaluate import WorldEvalSettings
+    cs.store(group="settings", name="world_evaluation", node=defaults(WorldEvalSettings, exclude=("seed",)))
     for name, cls in POLICIES.items():
         cs.store(group="settings/filter", name=name, node={"name": name, **defaults(cls, exclude=FROM_LOOP)})
     from memfilter.train.families import build_tiny

@@ -128,6 +128,11 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from memfilter.launch.sweep import in_multirun, run_job
+
+    if in_multirun():            # -m: every job is its own accelerate launch, then its evaluation (launch/sweep.py)
+        run_job(cfg)
+        return
     run_or_exit(run, cfg)
 
 

@@ -119,3 +119,20 @@ def test_evaluate_errors_name_the_field(tmp_path):
     assert proc.returncode == 2 and "run_dir" in proc.stderr
     proc = run_cmd([sys.executable, str(REPO / "launch" / "evaluate.py"), f"compare=[{tmp_path}]"])
     assert proc.returncode == 2 and "evaluate.py run_dir=" in proc.stderr
+
+
+def test_a_toy_world_run_is_measured_with_the_worlds_readers(tmp_path):
+    """toy_world=true: detection, detail-descriptor replication and prompt fidelity of a world run, once only."""
+    run_dir, _ = train_in_process(tmp_path / "w", ["max_train_steps=2"])
+    cmd = [sys.executable, str(REPO / "launch" / "evaluate.py"), f"run_dir={run_dir}", "toy_world=true",
+           "world_evaluation.num_images_per_prompt=1", "world_evaluation.num_unique_prompts=2",
+           "world_evaluation.unique_images=1", "world_evaluation.num_inference_steps=2",
+           "world_evaluation.fresh_items=20", "world_evaluation.detection_generations=1"]
+    proc = run_cmd(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["replication"]["duplicated"]["generations"] == 2          # the world's 2 duplicated items x 1
+    assert 0 <= report["fidelity"]["duplicated"]["all"] <= 1 and "auc" in report["detection"]
+    assert report["filter"] and "world detail" in report["descriptor"]
+    again = run_cmd(cmd)                                                        # never overwritten
+    assert again.returncode != 0 and "already holds an evaluation" in again.stderr + again.stdout
