@@ -12,7 +12,10 @@ from tests.conftest import REPO, compose, launch_cmd, required_overrides, run_cm
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
           for g in ("model", "data", "filter", "optim", "logger", "experiment")}
-NEEDS_WEIGHTS = {"wen2024"}          # SD v1.4 from the hub and a GPU: composed and checked, not run
+NEEDS_WEIGHTS = {"wen2024", "somepalli_laion10k", "sdxl"}   # real weights and a GPU: run with the model swapped
+# the tiny model of the experiment's family, at 16 px on CPU, in place of the real one
+SWAP = ["model.pretrained=null", "model.vae=null", "resolution=16", "mixed_precision=no", "train_batch_size=2",
+        "gradient_accumulation_steps=1"]
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -59,6 +62,30 @@ def test_every_experiment_runs_one_step(tmp_path, experiment):
                                                    "logger=none", "validation_prompts=[]"])
     assert summary["steps"] == 1
     assert (run_dir / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("experiment", sorted(NEEDS_WEIGHTS))
+def test_every_real_model_experiment_runs_one_step_with_the_model_swapped(tmp_path, experiment):
+    """The experiment's recipe (filter, optimiser, EMA, duplication, caption dropout...) on the tiny model of its
+    family: only the model, its size and precision are swapped."""
+    import json
+
+    from PIL import Image
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 90, 200 - 20 * i)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": f"a thing {i}"})
+                                                  for i in range(8)))
+    family = "tiny_sdxl" if experiment == "sdxl" else "tiny"
+    cfg = compose([f"experiment={experiment}"])
+    run_dir, summary = train_in_process(tmp_path, [f"experiment={experiment}", f"model={family}", *SWAP,
+                                                   "data=imagefolder", f"data.path={root}", "max_train_steps=1",
+                                                   "logger=none", "validation_prompts=[]", "checkpointing_steps=0"])
+    assert summary["steps"] == 1 and summary["policy"] == cfg.filter.name
+    assert (run_dir / "model_index.json").exists()
+    saved = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    assert saved["optim"]["learning_rate"] == cfg.optim.learning_rate and saved["use_ema"] == cfg.use_ema
 
 
 def _unet(run_dir):
