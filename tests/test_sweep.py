@@ -65,3 +65,17 @@ def test_the_table_again_from_the_command_line(tmp_path):
     assert rows[0]["status"] == "failed" and rows[0]["error"] == "train: memfilter: boom"
     empty = run_cmd(app_cmd("sweep.py", [str(tmp_path / "nothing")]))
     assert empty.returncode == 2 and "no sweep jobs" in empty.stderr
+
+
+def test_a_sweep_through_the_submitit_launcher(tmp_path):
+    """hydra-submitit-launcher's local launcher (the SLURM launcher's twin, no cluster needed): the job runs in a
+    submitit process, which starts its own accelerate launch; the table is written when the multirun ends."""
+    sweep = tmp_path / "sweep"
+    cmd = app_cmd("train.py", ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                               *_args(None, ["max_train_steps=1", "filter=none,batch_quantile"]),
+                               f"hydra.sweep.dir={sweep}", "sweep.evaluate=false"])
+    proc = run_cmd(cmd, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "sweep.csv")))
+    assert [r["filter"] for r in rows] == ["none", "batch_quantile"] and {r["status"] for r in rows} == {"done"}
+    assert all((sweep / r["job"] / "run" / "train_summary.json").is_file() for r in rows)
