@@ -83,7 +83,8 @@ def _commands(cfg, overrides: list[str], job_dir: Path, sweep_dir: Path, resume:
         if cfg.logger.get("group") is None:
             train.append(f"logger.group={sweep_dir.name}")
         if cfg.logger.get("run_name") is None:
-            train.append(f"logger.run_name={HydraConfig.get().job.override_dirname or job_dir.name}")
+            name = HydraConfig.get().job.override_dirname or job_dir.name     # "filter=none,seed=1": quoted
+            train.append("logger.run_name='" + name.replace("\\", "\\\\").replace("'", "\\'") + "'")
     evaluate = [sys.executable, str(LAUNCH / "evaluate.py"), f"run_dir={run_dir}",
                 f"toy_world={str(_is_world_run(cfg)).lower()}", *[str(a) for a in cfg.sweep.evaluate_overrides]]
     return {"train": train, "evaluate": evaluate}
