@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -69,16 +70,16 @@ def _is_world_run(cfg) -> bool:
     return pretrained.startswith("builtin:world") and (cfg.data.name == "world" or cfg.data.name == "webdataset")
 
 
-def _commands(cfg, overrides: list[str], job_dir: Path, sweep_dir: Path, resume: bool) -> dict[str, list[str]]:
-    """The job's training and evaluation command lines."""
+def _commands(cfg, overrides: list[str], job_dir: Path, sweep_dir: Path) -> dict[str, list[str]]:
+    """The job's training and evaluation command lines. Training always resumes the latest checkpoint of its run
+    directory (which the job creates first): none there starts the run, so every node and every re-run agree."""
     from hydra.core.hydra_config import HydraConfig
 
     own = [o for o in overrides if not o.startswith(("output_dir=", "resume_from_checkpoint="))]
     run_dir = job_run_dir(cfg, overrides, job_dir)
     train = [sys.executable, "-m", "accelerate.commands.launch", *[str(a) for a in cfg.sweep.accelerate_args],
-             str(LAUNCH / "train.py"), *own, f"output_dir={run_dir}"]
-    if resume:
-        train.append("resume_from_checkpoint=latest")
+             *slurm_node_args(), str(LAUNCH / "train.py"), *own, f"output_dir={run_dir}",
+             "resume_from_checkpoint=latest"]
     if cfg.logger.name in ("wandb", "all"):
         if cfg.logger.get("group") is None:
             train.append(f"logger.group={sweep_dir.name}")
@@ -88,6 +89,19 @@ def _commands(cfg, overrides: list[str], job_dir: Path, sweep_dir: Path, resume:
     evaluate = [sys.executable, str(LAUNCH / "evaluate.py"), f"run_dir={run_dir}",
                 f"toy_world={str(_is_world_run(cfg)).lower()}", *[str(a) for a in cfg.sweep.evaluate_overrides]]
     return {"train": train, "evaluate": evaluate}
+
+
+def slurm_node_args(env=os.environ) -> list[str]:
+    """accelerate launch's multi-node arguments when the job holds several SLURM nodes (submitit with nodes > 1 and
+    one task per node runs the job on every node): this node's rank and the head node, c10d rendezvous; none on one
+    node. sweep.accelerate_args gives the rest (--multi_gpu, --num_processes for all nodes' GPUs)."""
+    nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")))
+    if nodes <= 1:
+        return []
+    hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                           text=True, check=True).stdout.split()
+    return ["--num_machines", str(nodes), "--machine_rank", env.get("SLURM_NODEID", "0"), "--main_process_ip",
+            hosts[0], "--main_process_port", env.get("MASTER_PORT", "29500"), "--rdzv_backend", "c10d"]
 
 
 def job_run_dir(cfg, overrides: list[str], job_dir: Path) -> Path:
@@ -114,10 +128,15 @@ def run_job(cfg) -> dict:
         return job
     job_dir.mkdir(parents=True, exist_ok=True)
     run_dir = job_run_dir(cfg, overrides, job_dir)
+    node = os.environ.get("SLURM_NODEID", "0") if slurm_node_args() else "0"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if node != "0":            # another node of a multi-node job: its share of the training, nothing else
+        cmd = _commands(cfg, overrides, job_dir, sweep_dir)["train"]
+        return {"overrides": overrides, "node": node, "rc": _run_logged(cmd, job_dir / f"train-node{node}.log")}
     job = {"overrides": overrides, "status": "running", "run_dir": str(run_dir), "started": time.time(),
            "wall_seconds": job.get("wall_seconds", {})}
     trained = (run_dir / "train_summary.json").is_file()
-    commands = _commands(cfg, overrides, job_dir, sweep_dir, resume=run_dir.is_dir() and not trained)
+    commands = _commands(cfg, overrides, job_dir, sweep_dir)
     phases = [] if trained else ["train"]
     if cfg.sweep.evaluate and not (run_dir / "eval" / "report.json").is_file():
         phases.append("evaluate")

@@ -82,3 +82,16 @@ def test_a_sweep_through_the_submitit_launcher(tmp_path):
     # one tracker group for the sweep, each run named after its overrides
     cfg = __import__("yaml").safe_load((sweep / "0" / "run" / "config.yaml").read_text())
     assert cfg["logger"]["group"] == "sweep" and {"filter=none", "max_train_steps=1"} <= set(cfg["logger"]["run_name"].split(","))
+
+
+def test_a_multi_node_job_starts_each_nodes_launcher_against_the_head_node(tmp_path, monkeypatch):
+    from memfilter.launch.sweep import slurm_node_args
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nprintf "gpu-b03\\ngpu-b04\\ngpu-b05\\n"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:" + __import__("os").environ["PATH"])
+    assert slurm_node_args({"SLURM_NNODES": "1"}) == [] and slurm_node_args({}) == []
+    args = slurm_node_args({"SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu-b[03-05]"})
+    assert args[args.index("--num_machines") + 1] == "3" and args[args.index("--machine_rank") + 1] == "2"
+    assert args[args.index("--main_process_ip") + 1] == "gpu-b03" and "c10d" in args
