@@ -39,6 +39,9 @@ def required_overrides(option: str, tmp_path: Path) -> list[str]:
     if option == "filter=precomputed":
         (tmp_path / "drop.txt").write_text("world-000000-000\n")
         return [f"filter.decisions={tmp_path / 'drop.txt'}"]
+    if option == "mitigation=multiple_captions":
+        (tmp_path / "captions.jsonl").write_text('{"key": "world-000000-000", "captions": ["a red circle"]}\n')
+        return [f"mitigation.caption_file={tmp_path / 'captions.jsonl'}"]
     return []
 
 

@@ -11,7 +11,7 @@ from memfilter.launch.config_check import ConfigError, check_train_config
 from tests.conftest import REPO, compose, launch_cmd, required_overrides, run_cmd, train_in_process
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml"))
-          for g in ("model", "data", "filter", "optim", "logger", "experiment")}
+          for g in ("model", "data", "filter", "mitigation", "optim", "logger", "experiment")}
 NEEDS_WEIGHTS = {"wen2024", "somepalli_laion10k", "sdxl"}   # real weights and a GPU: run with the model swapped
 # the tiny model of the experiment's family, at 16 px on CPU, in place of the real one
 SWAP = ["model.pretrained=null", "model.vae=null", "resolution=16", "mixed_precision=no", "train_batch_size=2",
