@@ -206,7 +206,7 @@ def _rows(sweep_dir: Path) -> list[dict]:
         run_dir = Path(job["run_dir"])
         row = {"job": path.parent.name, "status": job["status"],
                "overrides": dict(o.split("=", 1) for o in job["overrides"] if "=" in o),
-               "wall s": round(sum(job.get("wall_seconds", {}).values()), 1),
+               "wall s": int(round(sum(job.get("wall_seconds", {}).values()))),
                "error": (job.get("error") or "").splitlines()[0] if job.get("status") == "failed" else ""}
         if job.get("status") == "failed":
             row["error"] = f"{job.get('phase')}: {row['error'] or 'rc ' + str(job.get('rc'))}"
