@@ -306,8 +306,9 @@ class _Run:
         self.family.prepare_frozen(dev, self.weight_dtype)
         unet = c.unet
         # dropped_samples=anchor: the model before fine-tuning, frozen (LoRA: the same UNet, adapters disabled)
+        self.anchor = args.dropped_samples == "anchor" and self.policy.name != "none"   # none drops nothing
         self.reference_unet = (copy.deepcopy(unet).requires_grad_(False).eval().to(dev, dtype=self.weight_dtype)
-                               if args.dropped_samples == "anchor" and not args.lora_rank else None)
+                               if self.anchor and not args.lora_rank else None)
         if args.lora_rank:
             with torch.random.fork_rng(devices=[]):      # the same adapters for every run with this seed
                 torch.manual_seed(args.seed)
@@ -473,7 +474,7 @@ class _Run:
                 snr_gamma=args.snr_gamma, noise=args, gather=self.accelerator.gather,
                 rank=self.rank, autocast=self.accelerator.autocast, compute_magnitude=self.compute_m,
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups,
-                reference=self.reference if args.dropped_samples == "anchor" else None,
+                reference=self.reference if self.anchor else None,
                 anchor_weight=args.anchor_weight)
             # x world: DDP averages gradients over ranks, we want their sum (divided by the kept total later)
             self.accelerator.backward(out.loss_sum * self.world)
