@@ -72,12 +72,12 @@ def test_a_sweep_through_the_submitit_launcher(tmp_path):
     submitit process, which starts its own accelerate launch; the table is written when the multirun ends."""
     sweep = tmp_path / "sweep"
     cmd = app_cmd("train.py", ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                               *_args(None, ["max_train_steps=1", "filter=none,batch_quantile", "logger=wandb"]),
+                               *_args(None, ["max_train_steps=1", "filter=none", "logger=wandb"]),
                                f"hydra.sweep.dir={sweep}", "sweep.evaluate=false"])
     proc = run_cmd(cmd, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "sweep.csv")))
-    assert [r["filter"] for r in rows] == ["none", "batch_quantile"] and {r["status"] for r in rows} == {"done"}
+    assert [r["status"] for r in rows] == ["done"]
     assert all((sweep / r["job"] / "run" / "train_summary.json").is_file() for r in rows)
     # one tracker group for the sweep, each run named after its overrides
     cfg = __import__("yaml").safe_load((sweep / "0" / "run" / "config.yaml").read_text())
