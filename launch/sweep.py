@@ -67,7 +67,8 @@ def _is_world_run(cfg) -> bool:
     """The toy world on its own base model: its readers and copy detector measure the run (launch/evaluate.py
     toy_world=true); any other run is measured against its training images (SSCD or the named fallback)."""
     pretrained = str(cfg.model.get("pretrained") or "")
-    return pretrained.startswith("builtin:world") and (cfg.data.name == "world" or cfg.data.name == "webdataset")
+    world_shards = cfg.data.name == "webdataset" and (Path(str(cfg.data.shards)).parent / "world.json").is_file()
+    return pretrained.startswith("builtin:world") and (cfg.data.name == "world" or world_shards)
 
 
 def _commands(cfg, overrides: list[str], job_dir: Path, sweep_dir: Path) -> dict[str, list[str]]:
