@@ -17,19 +17,11 @@ from memfilter.evaluation.detect import pipeline_trajectory
 from memfilter.filtering.conditioning import as_conditioning
 from memfilter.filtering.mitigate import (DEFAULT_NUM_WORDS, DEFAULT_SIGMA, add_embedding_noise, add_random_numbers,
                                           add_random_tokens, baseline_generator, baseline_rng, first_step_magnitudes,
-                                          initial_noise, optimize_prompt_embedding, repeat_words)
+                                          initial_noise, optimize_prompt_embedding, repeat_words,
+                                          token_vocabulary)
 
 METHODS = ("embedding", "random_tokens", "random_numbers", "repeat_words", "embedding_noise", "none")
 TEXT_METHODS = ("random_tokens", "random_numbers", "repeat_words")
-
-
-def token_vocabulary(tokenizer) -> list[str]:
-    """The tokenizer's tokens as words: what random token addition draws from (the official code decodes random
-    token ids). Special tokens are left out, and tokens that decode to nothing, to whitespace inside, or to a
-    partial UTF-8 byte (U+FFFD) are not words."""
-    special = set(tokenizer.all_special_ids)
-    words = (tokenizer.decode([i]).strip() for i in range(len(tokenizer)) if i not in special)
-    return [w for w in words if w and w.isprintable() and "\ufffd" not in w and not any(ch.isspace() for ch in w)]
 
 
 def check_method(method: str, target: float | None) -> None:

@@ -185,6 +185,15 @@ def _insert_words(prompt: str, draw, k: int, rng: random.Random) -> str:
     return " ".join(words)
 
 
+def token_vocabulary(tokenizer) -> list[str]:
+    """The tokenizer's tokens as words: what random token addition draws from (the official code decodes random
+    token ids). Special tokens are left out, and tokens that decode to nothing, to whitespace inside, or to a
+    partial UTF-8 byte (U+FFFD) are not words."""
+    special = set(tokenizer.all_special_ids)
+    words = (tokenizer.decode([i]).strip() for i in range(len(tokenizer)) if i not in special)
+    return [w for w in words if w and w.isprintable() and "\ufffd" not in w and not any(ch.isspace() for ch in w)]
+
+
 def add_random_tokens(prompt: str, rng: random.Random, vocabulary: Sequence[str], k: int = DEFAULT_NUM_WORDS) -> str:
     """Random token addition: k tokens drawn uniformly from `vocabulary` (e.g. the tokenizer's decoded tokens),
     inserted at random word positions.

@@ -139,11 +139,12 @@ def build_filter(filter_cfg: DictConfig, num_train_timesteps: int):
 
 def build_mitigation(mitigation_cfg: DictConfig, components, seed: int):
     """The training-time baseline (mitigation=...; train.mitigation), its vocabulary from the model's tokenizer."""
-    from memfilter.train.mitigation import Mitigation, MitigationArgs, tokenizer_vocabulary
+    from memfilter.filtering.mitigate import token_vocabulary
+    from memfilter.train.mitigation import Mitigation, MitigationArgs
 
     try:
         args = MitigationArgs(**OmegaConf.to_container(mitigation_cfg, resolve=True))
-        vocabulary = tokenizer_vocabulary(components.tokenizer) if args.name in ("random_caption",
+        vocabulary = token_vocabulary(components.tokenizer) if args.name in ("random_caption",
                                                                                  "random_tokens") else []
         return Mitigation(args, vocabulary, seed)
     except (ValueError, TypeError) as e:

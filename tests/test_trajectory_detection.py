@@ -193,5 +193,4 @@ def test_the_grid_is_nested_passes_and_every_detector_runs_on_sdxl():
     for d in DETECTORS:
         assert out.per_step[d].shape == (2, 1, 1) and torch.isfinite(out.per_step[d]).all()
         assert (out.per_step[d] > 0).all()
-    assert set(out.seconds) == set(DETECTORS)                            # one timed pass per detector, reported
     assert len(out.timesteps) == 1 and out.timesteps[0] > 500          # the schedule's first step: t near T

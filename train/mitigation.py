@@ -65,7 +65,7 @@ class Mitigation:
 
     Args:
         args: the baseline's settings.
-        vocabulary: words for random_caption and random_tokens (the tokenizer's whole-word tokens).
+        vocabulary: words for random_caption and random_tokens (filtering.mitigate.token_vocabulary).
         seed: the run's seed.
     """
 
@@ -146,15 +146,3 @@ def read_caption_file(path: str) -> dict[str, list[str]]:
             raise ValueError(f"mitigation.caption_file={path}: row {n + 1} needs a key and a list of captions")
         out[str(row["key"])] = [c for c in caps if isinstance(c, str) and c.strip()]
     return out
-
-
-def tokenizer_vocabulary(tokenizer, limit: int = 20000) -> list[str]:
-    """Whole-word tokens of a CLIP-style tokenizer (those ending in '</w>', letters only), in id order, at most
-    `limit`: the words random_caption and random_tokens draw from."""
-    words = []
-    for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        if token.endswith("</w>") and token[:-4].isalpha():
-            words.append(token[:-4])
-            if len(words) >= limit:
-                break
-    return words

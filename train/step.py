@@ -136,37 +136,27 @@ def filtered_diffusion_step(
         pad_to: the full per-rank batch size; smaller batches are padded in the gather. Default B.
         groups: [B] or [B, G] int64 item ids (filtering.policies.item_groups: caption and image hashes,
             < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
-        reference: `reference(x_t, t, cond) -> prediction` of the model before fine-tuning (no grad), or None
-            (default): a dropped sample then leaves the loss. With a reference, a sample the policy drops is
-            *anchored* instead: its loss is ||pred - reference||^2 (times `anchor_weight`, Min-SNR weighted like
-            the rest), so the model keeps what the base model does for that caption (the content the prompt names)
-            without learning the image it would reproduce. The anchored rows cost one more no-grad forward.
+        reference: `reference(x_t, t, cond)`, the base model's prediction (no grad); a sample the policy drops is
+            then *anchored*: its loss is anchor_weight x ||pred - reference||^2 (keeping what its caption names,
+            never its image). Default None: a dropped sample leaves the loss.
     """
-    b, dev, ptype = latents.shape[0], latents.device, noise_scheduler.config.prediction_type
+    b, dev = latents.shape[0], latents.device
     drawn = training_inputs(magnitude_unet or unet, noise_scheduler, latents, generator, noise or NoiseArgs(),
                             as_conditioning(cond), autocast and autocast())
-    noisy, timesteps, target = drawn.noisy, drawn.timesteps, drawn.target
+    noisy, timesteps = drawn.noisy, drawn.timesteps
     pred = unet(noisy, timesteps, **as_conditioning(cond)).sample  # [B,C,h,w], grad
-
-    if compute_magnitude:
-        m = text_noise_magnitude(magnitude_unet or unet, noisy, timesteps, uncond, cond_pred=pred,
-                                 prediction_type=ptype, alphas_cumprod=noise_scheduler.alphas_cumprod,
-                                 autocast=autocast and autocast())
-    else:
-        m = torch.full((b,), float("nan"), device=dev)   # not measured: the policy must be `none`
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
+    m = (_magnitude(magnitude_unet or unet, noise_scheduler, noisy, timesteps, uncond, pred, autocast)
+         if compute_magnitude else torch.full((b,), float("nan"), device=dev))   # NaN: not measured (policy none)
+    per_sample = F.mse_loss(pred.float(), drawn.target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
     if snr_gamma:
         per_sample = per_sample * snr_weights(noise_scheduler, timesteps, snr_gamma)
 
     eligible, is_duplicate, valid = (torch.full((b,), fill, dtype=torch.bool, device=dev) if x is None else x.to(dev)
                                      for x, fill in ((eligible, True), (is_duplicate, False), (valid, True)))
-    # One collective for everything the decision and the logs need: the same global rows on every rank
-    gid = torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None else groups.to(dev).long().reshape(b, -1)
-    width = max(b, pad_to or b)
-    g = StepStats(magnitude=m, timestep=timesteps, eligible=eligible, duplicate=is_duplicate, loss=per_sample,
-                  valid=valid, groups=gid).gather(gather, width)
-    g.keep = policy.decide(g.magnitude, g.timestep, g.eligible & g.valid, groups=g.groups, losses=g.loss) & g.valid
-    keep = g.keep[rank * width:rank * width + b].to(dev)
+    local = StepStats(magnitude=m, timestep=timesteps, eligible=eligible, duplicate=is_duplicate, loss=per_sample,
+                      valid=valid, groups=torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None
+                      else groups.to(dev).long().reshape(b, -1))
+    g, keep = _global_decision(local, policy, gather, rank, max(b, pad_to or b))
     # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the forward sum
     loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
     anchored_global = 0
@@ -178,6 +168,22 @@ def filtered_diffusion_step(
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()),
                       anchored_global=anchored_global)
+
+
+def _magnitude(unet, noise_scheduler, noisy, timesteps, uncond, pred, autocast) -> torch.Tensor:
+    """m of every sample at its training x_t and t, reusing the training forward's conditional prediction."""
+    return text_noise_magnitude(unet, noisy, timesteps, uncond, cond_pred=pred,
+                                prediction_type=noise_scheduler.config.prediction_type,
+                                alphas_cumprod=noise_scheduler.alphas_cumprod, autocast=autocast and autocast())
+
+
+def _global_decision(local: StepStats, policy: FilterPolicy, gather, rank: int, width: int):
+    """One collective for everything the decision and the logs need (the same global rows on every rank), the
+    policy's decision on them, and this rank's slice of it. Returns (global stats with keep, this rank's keep [B])."""
+    b = local.magnitude.shape[0]
+    g = local.gather(gather, width)
+    g.keep = policy.decide(g.magnitude, g.timestep, g.eligible & g.valid, groups=g.groups, losses=g.loss) & g.valid
+    return g, g.keep[rank * width:rank * width + b].to(local.magnitude.device)
 
 
 def _anchor_loss(pred, noisy, timesteps, cond, reference, rows: torch.Tensor, noise_scheduler,
