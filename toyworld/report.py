@@ -48,7 +48,7 @@ def targets(results: dict, unfiltered: str, filtered: str) -> list[dict]:
         {"target": f"{filtered} drops at most 5% of unique samples", "value": _pct(unique_dropped),
          "met": unique_dropped is not None and unique_dropped <= 0.05},
         {"target": f"prompt fidelity of {filtered} within 5 points of {unfiltered} (duplicated prompts)",
-         "value": f"{_pct(fu)} vs {_pct(ff)}", "met": ff >= fu - 0.05},
+         "value": f"{filtered} {_pct(ff)}, {unfiltered} {_pct(fu)}", "met": ff >= fu - 0.05},
     ]
 
 
