@@ -12,7 +12,8 @@ as `data=world` and `launch/prepare.py input.kind=world`); captions name shape a
 
 1. builds the world's fine-tuning set (duplicated and unique items) as webdataset shards with the prep code;
 2. fine-tunes the shipped base model (builtin:world-base) on it, once per entry of `runs` (by default
-   without a filter, with the default filter, filter=item, and with filter=timestep), each a normal
+   without a filter, with the default filter (filter=item, dropped samples anchored), and with filter=item leaving
+   its dropped samples out), each a normal
    `launch/train.py` run in <output_dir>/<run>;
 3. evaluates the base and every run (step-1 detection, replication, prompt fidelity, filter decisions);
 4. writes <output_dir>/report.md (+ report.json, grid.png, magnitudes.png, detection.png).

@@ -59,8 +59,8 @@ def test_demo_runs_end_to_end_and_reports_every_section(tmp_path):
     for png in ("grid.png", "magnitudes.png", "detection.png"):
         assert (out / png).stat().st_size > 1000
     data = json.loads((out / "report.json").read_text())
-    assert set(data["results"]) == {"base", "unfiltered", "filtered", "timestep"}     # conf/demo.yaml's runs
-    for name in ("unfiltered", "filtered", "timestep"):
+    assert set(data["results"]) == {"base", "unfiltered", "filtered", "dropped"}     # conf/demo.yaml's runs
+    for name in ("unfiltered", "filtered", "dropped"):
         res = data["results"][name]
         assert res["filter"]["overall"]["duplicated_judged"] + res["filter"]["overall"]["unique_judged"] > 0
         assert len(res["rows"]) == 2 * 2 + 6
@@ -87,7 +87,7 @@ def test_demo_over_seeds_reports_spread_dedup_baselines_and_protected_concepts(t
     from memfilter.toyworld.world import ToyWorld
 
     out = tmp_path / "demo"
-    cmd = ["python", str(REPO / "launch" / "demo.py"), f"output_dir={out}", "seeds=[3,4]", "~runs.timestep",
+    cmd = ["python", str(REPO / "launch" / "demo.py"), f"output_dir={out}", "seeds=[3,4]", "~runs.dropped",
            "world.num_concepts=1", "world.concept_repeats=5", "baselines=[exact]",
            "+runs.protected='filter=item filter.protect.captions=[emblem]'", *_SMALL]
     proc = run_cmd(cmd, timeout=900)

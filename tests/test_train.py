@@ -54,10 +54,11 @@ def test_run_directory_is_complete_and_pipeline_loads(tmp_path):
 
 
 def test_every_sample_dropped_is_safe(tmp_path):
-    """A threshold below every magnitude: no optimizer step, no NaN, steps and lr still counted."""
+    """dropped_samples=drop and a threshold below every magnitude: no optimizer step, no NaN, steps and lr still
+    counted."""
     run_dir, summary = train_in_process(tmp_path, [
         "filter=fixed", "filter.threshold=1e-12", "proportion_empty_prompts=0", "max_train_steps=3",
-        "optim.lr_warmup_steps=0"])
+        "optim.lr_warmup_steps=0", "dropped_samples=drop"])
     assert summary["steps"] == 3 and summary["skipped_steps"] == 3 and summary["samples_kept"] == 0
     rec = read_records(run_dir / "records").to_pandas()
     assert not rec.kept.any() and np.isfinite(rec.magnitude).all() and np.isfinite(rec.loss).all()
@@ -95,10 +96,11 @@ def test_every_sample_anchored_keeps_the_base_and_counts_them(tmp_path, lora):
 
 
 def test_anchoring_changes_the_update_of_a_filtered_run(tmp_path):
-    """Half of each batch dropped: anchoring those samples moves the weights differently from leaving them out."""
+    """Half of each batch dropped: anchoring those samples (the default) moves the weights differently from leaving
+    them out."""
     common = ["filter=batch_quantile", "filter.drop_fraction=0.5", "max_train_steps=2", "proportion_empty_prompts=0"]
-    a, sa = train_in_process(tmp_path / "a", common)
-    b, sb = train_in_process(tmp_path / "b", common + ["dropped_samples=anchor"])
+    a, sa = train_in_process(tmp_path / "a", common + ["dropped_samples=drop"])
+    b, sb = train_in_process(tmp_path / "b", common)                     # anchor: the default
     assert sa["samples_anchored"] == 0 and sb["samples_anchored"] == sb["samples_seen"] - sb["samples_kept"] == 4
     ra, rb = (read_records(d / "records").to_pandas() for d in (a, b))
     np.testing.assert_array_equal(ra[ra.step == 1].kept, rb[rb.step == 1].kept)    # the same step-1 decisions

@@ -127,9 +127,10 @@ class TrainArgs(NoiseArgs):
                                        "rows a process buffers before writing a Parquet part")
     log_magnitudes: bool = setting(True, "true or false", lambda v: isinstance(v, bool),
                                    "with filter=none, still measure m (one extra no-grad forward a step)")
-    dropped_samples: str = setting("drop", "drop or anchor", lambda v: v in ("drop", "anchor"),
-                                   "what a sample the filter drops does: leave the loss (drop), or train toward "
-                                   "the base model's prediction for it (anchor: keeps what its caption names)")
+    dropped_samples: str = setting("anchor", "anchor or drop", lambda v: v in ("drop", "anchor"),
+                                   "what a sample the filter drops does: train toward the base model's prediction "
+                                   "for it (anchor: keeps what its caption names, never its image; a frozen copy "
+                                   "of the UNet in weight_dtype unless LoRA), or leave the loss (drop: Wen et al.)")
     anchor_weight: float = setting(1.0, "a number > 0", num_in(0, math.inf, lo_open=True),
                                    "weight of an anchored sample's loss (dropped_samples=anchor)")
 
