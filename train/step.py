@@ -143,14 +143,11 @@ def filtered_diffusion_step(
     b, dev = latents.shape[0], latents.device
     drawn = training_inputs(magnitude_unet or unet, noise_scheduler, latents, generator, noise or NoiseArgs(),
                             as_conditioning(cond), autocast and autocast())
-    noisy, timesteps = drawn.noisy, drawn.timesteps
-    pred = unet(noisy, timesteps, **as_conditioning(cond)).sample  # [B,C,h,w], grad
-    m = (_magnitude(magnitude_unet or unet, noise_scheduler, noisy, timesteps, uncond, pred, autocast)
+    timesteps = drawn.timesteps
+    pred = unet(drawn.noisy, timesteps, **as_conditioning(cond)).sample  # [B,C,h,w], grad
+    m = (_magnitude(magnitude_unet or unet, noise_scheduler, drawn.noisy, timesteps, uncond, pred, autocast)
          if compute_magnitude else torch.full((b,), float("nan"), device=dev))   # NaN: not measured (policy none)
-    per_sample = F.mse_loss(pred.float(), drawn.target.float(), reduction="none").mean(dim=(1, 2, 3))  # [B]
-    if snr_gamma:
-        per_sample = per_sample * snr_weights(noise_scheduler, timesteps, snr_gamma)
-
+    per_sample = _weighted_mse(pred, drawn.target, timesteps, noise_scheduler, snr_gamma)   # [B]
     eligible, is_duplicate, valid = (torch.full((b,), fill, dtype=torch.bool, device=dev) if x is None else x.to(dev)
                                      for x, fill in ((eligible, True), (is_duplicate, False), (valid, True)))
     local = StepStats(magnitude=m, timestep=timesteps, eligible=eligible, duplicate=is_duplicate, loss=per_sample,
@@ -163,8 +160,8 @@ def filtered_diffusion_step(
     if reference is not None:
         # the same global count on every rank: a dropped row is a valid, judged row the decision did not keep
         anchored_global = int((g.valid & g.eligible & ~g.keep).sum())
-        loss_sum = loss_sum + anchor_weight * _anchor_loss(pred, noisy, timesteps, cond, reference,
-                                                           valid & eligible & ~keep, noise_scheduler, snr_gamma)
+        loss_sum = loss_sum + anchor_weight * _anchor_loss(pred, drawn, cond, reference, valid & eligible & ~keep,
+                                                           noise_scheduler, snr_gamma)
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()),
                       anchored_global=anchored_global)
@@ -186,16 +183,19 @@ def _global_decision(local: StepStats, policy: FilterPolicy, gather, rank: int, 
     return g, g.keep[rank * width:rank * width + b].to(local.magnitude.device)
 
 
-def _anchor_loss(pred, noisy, timesteps, cond, reference, rows: torch.Tensor, noise_scheduler,
+def _anchor_loss(pred, drawn, cond, reference, rows: torch.Tensor, noise_scheduler,
                  snr_gamma: float | None) -> torch.Tensor:
     """Sum over `rows` [B] of ||pred - reference(x_t, t, cond)||^2 (mean over elements): zero with a graph when
     no row is anchored, so every rank's backward covers the same parameters."""
-    idx = rows.nonzero().squeeze(1)
+    idx, noisy, timesteps = rows.nonzero().squeeze(1), drawn.noisy, drawn.timesteps
     if idx.numel() == 0:
         return pred.sum() * 0.0
     with torch.no_grad():
-        ref = reference(noisy[idx], timesteps[idx], select(as_conditioning(cond), idx)).float()
-    loss = F.mse_loss(pred[idx].float(), ref, reduction="none").mean(dim=(1, 2, 3))    # [n]
-    if snr_gamma:
-        loss = loss * snr_weights(noise_scheduler, timesteps[idx], snr_gamma)
-    return loss.sum()
+        ref = reference(noisy[idx], timesteps[idx], select(as_conditioning(cond), idx))
+    return _weighted_mse(pred[idx], ref, timesteps[idx], noise_scheduler, snr_gamma).sum()
+
+
+def _weighted_mse(pred, target, timesteps, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
+    """Per-sample MSE (mean over elements, in fp32), Min-SNR weighted when snr_gamma is set; [B]."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return loss * snr_weights(noise_scheduler, timesteps, snr_gamma) if snr_gamma else loss
