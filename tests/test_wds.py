@@ -174,3 +174,22 @@ def test_shards_without_a_usable_sample_stop_instead_of_looping(tmp_path):
     src.bind(COLLATE, rank=0, world_size=1, batch_size=1)
     with pytest.raises(RuntimeError, match="no usable sample.*missing_caption"):
         list(DataLoader(src, batch_size=None, num_workers=0))
+
+
+def test_batch_fields_from_workers_hold_each_samples_values_in_one_storage(tmp_path):
+    """The small fields of a batch leave a worker as views of one tensor (one shared-memory segment, not one per
+    field), and still hold each sample's own values: its tokens, its size and its dup_group."""
+    import torch
+
+    batches = epoch_batches(write_shards(tmp_path / "shards", n_shards=2, per_shard=6), 0, 1, 2, batch_size=3)
+    fields = ("input_ids", "original_sizes", "crop_top_lefts", "dup_group")
+    tok = build_tiny_tokenizer()
+    for b in batches:
+        storages = {b[f].untyped_storage().data_ptr() for f in fields}
+        assert len(storages) == 1 and b["pixel_values"].untyped_storage().data_ptr() not in storages
+        want = tok(b["captions"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+        assert torch.equal(b["input_ids"], want) and b["input_ids"].dtype == torch.long
+        assert b["original_sizes"].tolist() == [[20, 20]] * len(b["keys"])
+        assert b["dup_group"].tolist() == [int(k.split("-")[0][1:]) if k.endswith("-0") else -1 for k in b["keys"]]
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(f"s{s}-{i}" for s in range(2) for i in range(6))
