@@ -27,19 +27,49 @@ def test_every_accelerate_config_is_read_by_accelerate(path):
         assert str(cfg.distributed_type).endswith("DEEPSPEED") and cfg.deepspeed_config["zero_stage"] == 2
 
 
-def test_sharded_backends_are_refused_with_the_alternatives():
+def test_backends_the_loop_cannot_serve_are_refused_naming_the_way_out():
+    from types import SimpleNamespace
+
     from accelerate.utils import DistributedType
 
-    from memfilter.train.loop import _Run
+    from memfilter.train.loop import TrainArgs, check_backend
 
-    class FakeAccelerator:            # only what _Run reads before it refuses
-        gradient_accumulation_steps = 1
+    def acc(kind, version=2):         # only what check_backend reads of an Accelerator
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+            fsdp_version=version)))
 
-    for backend in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        acc = FakeAccelerator()
-        acc.distributed_type = backend
-        with pytest.raises(ValueError, match="use DDP"):
-            _Run(acc, None, None, None, None, None, None)
+    plain = TrainArgs(output_dir="x")
+    with pytest.raises(ValueError, match="DeepSpeed is not supported.*use FSDP"):
+        check_backend(acc(DistributedType.DEEPSPEED), plain)
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        check_backend(acc(DistributedType.FSDP, version=1), plain)
+    for bad in (TrainArgs(output_dir="x", use_ema=True), TrainArgs(output_dir="x", lora_rank=4)):
+        with pytest.raises(ValueError, match="not supported under FSDP"):
+            check_backend(acc(DistributedType.FSDP), bad)
+    for kind in (DistributedType.FSDP, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO):
+        check_backend(acc(kind), plain)                  # served: no error
+
+
+def test_fsdp2_update_and_export_match_ddp_on_two_cpu_processes(tmp_path):
+    """The loop's filtered update (sum of kept losses x world, divided by the global kept count, clipped) on a UNet
+    sharded with FSDP2 takes the same steps as under DDP, and the gathered weights export a pipeline that loads
+    back with them. accelerate selects FSDP only on GPU backends, so the UNet is sharded with torch's fully_shard
+    here, as accelerate's FSDP2 prepare shards it (tests/fsdp_worker.py)."""
+    import json
+
+    from tests.conftest import run_cmd
+
+    out = tmp_path / "fsdp.json"
+    cmd = ["accelerate", "launch", "--config_file", str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"),
+           str(REPO / "tests" / "fsdp_worker.py"), str(out), str(tmp_path / "export")]
+    proc = run_cmd(cmd, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["world"] == 2 and got["sharded"] and got["gathered_class"] == "UNet2DConditionModel"
+    assert got["ddp_kept"] == got["fsdp_kept"] and all(k < 8 for k in got["ddp_kept"])     # samples were dropped
+    assert got["fsdp_losses"] == pytest.approx(got["ddp_losses"], rel=1e-5)
+    assert got["max_weight_change"] > 1e-4 and got["max_weight_gap"] < 1e-6 * got["max_weight_change"] + 1e-7
+    assert got["exported_equal"]
 
 
 def _fake_bin(tmp_path):

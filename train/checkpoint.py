@@ -137,6 +137,13 @@ def load_checkpoint(accelerator, path: str | os.PathLike, stateful: dict[str, An
     return json.loads((path / META).read_text())
 
 
+def is_sharded(unet) -> bool:
+    """Whether the UNet is FSDP2-sharded (torch's fully_shard, as accelerate's FSDP2 prepares it): its parameters
+    are DTensor shards, its forward needs every rank and its full weights a gather (`export.full_unet`)."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(unet, FSDPModule)
+
+
 def register_diffusers_format(accelerator, family, ema=None, lora: bool = False) -> None:
     """Checkpoints hold the UNet as diffusers' scripts write it, through accelerate's save/load hooks:
     `checkpoint-N/unet` (UNet2DConditionModel.from_pretrained(..., subfolder="unet") loads it) and
@@ -150,6 +157,8 @@ def register_diffusers_format(accelerator, family, ema=None, lora: bool = False)
             ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
         for model in models:
             unet = accelerator.unwrap_model(model)
+            if is_sharded(unet):       # accelerate saved (and loads) it as shards: a gather here would need every rank
+                continue
             if lora:
                 from diffusers.utils import convert_state_dict_to_diffusers
                 from peft.utils import get_peft_model_state_dict

@@ -42,6 +42,21 @@ def save_images(images: list[tuple[str, int, object]], folder: str | Path) -> li
     return paths
 
 
+def full_unet(unet) -> torch.nn.Module | None:
+    """The whole UNet of an FSDP2-sharded one, as a plain module on rank 0 (None on the other ranks): a gather, so
+    every rank calls it. Its class is the model's own (fully_shard makes a subclass), its weights fp32 on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    state = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:
+        return None
+    cls = next(c for c in type(unet).__mro__ if not issubclass(c, FSDPModule))
+    plain = cls.from_config(unet.config)
+    plain.load_state_dict({k: v.float() for k, v in state.items()})
+    return plain
+
+
 def export_pipeline(components: Components, unet, out_dir: str | Path, lora: bool = False) -> Path:
     """Save the final model as its family's full pipeline (loadable by `from_pretrained`), with the base model's
     scheduler.

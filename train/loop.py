@@ -41,12 +41,13 @@ from memfilter.filtering.policies import FilterPolicy, item_groups
 from memfilter.filtering.protect import Protect
 from memfilter.filtering.records import RecordWriter
 from memfilter.filtering.settings import check_settings, int_at_least, is_int, num_in, setting
-from memfilter.train.checkpoint import find_checkpoint, load_checkpoint, register_diffusers_format, save_checkpoint
+from memfilter.train.checkpoint import (find_checkpoint, is_sharded, load_checkpoint, register_diffusers_format,
+                                       save_checkpoint)
 from memfilter.train.data.collate import CollateForTraining
 from memfilter.train.data.report import DataReport, merge_reports, write_report
 from memfilter.train.data.transforms import ImageTransform
 from memfilter.train.data.feed import data_stream, make_feed
-from memfilter.train.export import export_pipeline, save_images, validation_images, write_model_card
+from memfilter.train.export import full_unet, export_pipeline, save_images, validation_images, write_model_card
 from memfilter.train.families import get_family
 from memfilter.train.mitigation import Mitigation
 from memfilter.train.models import Components, add_lora
@@ -273,13 +274,9 @@ class _Run:
 
     def __init__(self, accelerator, components: Components, policy: FilterPolicy, args: TrainArgs, tracker,
                  config: dict | None, protect: Protect | None, mitigation: Mitigation | None = None):
-        from accelerate.utils import DistributedType
-
         if accelerator.gradient_accumulation_steps != 1:
             raise ValueError("create the Accelerator with gradient_accumulation_steps=1: the loop accumulates itself")
-        if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise ValueError(f"{accelerator.distributed_type} is not supported yet: the loop normalises gradients "
-                             "by the global kept count itself and exports on rank 0; use DDP (multi_gpu)")
+        check_backend(accelerator, args)
         self.accelerator, self.c, self.policy, self.args = accelerator, components, policy, args
         self.tracker, self.config, self.protect = tracker, config, protect
         self.mitigation = mitigation if mitigation is not None and mitigation.active else None
@@ -355,6 +352,7 @@ class _Run:
         register_diffusers_format(self.accelerator, self.family, self.ema, lora=bool(args.lora_rank))
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
         self.params = [p for p in self.unet.parameters() if p.requires_grad]   # as prepared (wrappers may replace)
+        self.sharded = is_sharded(self.raw_unet)   # FSDP2: every forward needs every rank, the export a gather
 
     def reference(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The base model's prediction (no grad), the target of an anchored sample."""
@@ -529,7 +527,7 @@ class _Run:
         args, ema, raw_unet = self.args, self.ema, self.raw_unet
         if not args.validation_prompts:
             return
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.sharded:       # a sharded forward needs every rank
             if ema is not None:
                 ema.store(raw_unet.parameters())
                 ema.copy_to(raw_unet.parameters())
@@ -542,6 +540,7 @@ class _Run:
             raw_unet.train()
             if ema is not None:
                 ema.restore(raw_unet.parameters())
+        if self.accelerator.is_main_process:
             save_images(images, self.run_dir / "samples" / tag)
             self.tracker.log_images("validation", [im for _, _, im in images], [p for p, _, _ in images],
                                     self.state.global_step)
@@ -559,11 +558,12 @@ class _Run:
         data_summary = merge_reports([g["report"] for g in self.rank_states.gather()])
         if self.excluded:
             data_summary["excluded_by_keep_list"] = self.excluded
+        unet = full_unet(self.raw_unet) if self.sharded else self.raw_unet   # a gather: every rank takes part
         if self.accelerator.is_main_process:
             write_report(self.run_dir / "data_report.json", data_summary)
             if self.ema is not None:
                 self.ema.copy_to(self.raw_unet.parameters())
-            export_pipeline(self.export_c, self.raw_unet, self.run_dir, lora=bool(args.lora_rank))
+            export_pipeline(self.export_c, unet, self.run_dir, lora=bool(args.lora_rank))
             summary = self.summary(data_summary, t0)
             (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
             write_model_card(self.run_dir, summary, self.config, self.family.name)
@@ -588,6 +588,29 @@ class _Run:
             "wall_seconds": round(time.time() - t0, 1), "family": self.family.name,
             "pipeline": str(self.run_dir), "records": str(self.run_dir / "records"),
         }
+
+
+def check_backend(accelerator, args: TrainArgs) -> None:
+    """Stop at start on a distributed backend the loop cannot serve, naming the way out. DDP and FSDP2 are served:
+    both average gradients over ranks, so the loop's sum-of-kept-losses x world / global kept count is exact under
+    either, and FSDP2's gradients are DTensor shards that the division and clipping treat like tensors."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise ValueError("DeepSpeed is not supported: its backward also steps the optimizer, before the loop can "
+                         "divide the gradient by the step's global kept count or skip a step that kept nothing; "
+                         "use FSDP (launch/accelerate/fsdp.yaml) or DDP (multi_gpu)")
+    if kind != DistributedType.FSDP:
+        return
+    version = getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate config "
+                         "(launch/accelerate/fsdp.yaml); FSDP2's gradients are the shards the loop divides")
+    for bad, what in ((args.use_ema, "use_ema=true"), (args.lora_rank, "model.lora.rank>0")):
+        if bad:
+            raise ValueError(f"{what} is not supported under FSDP (the EMA and the adapters would need their own "
+                             "sharding): drop it, or use DDP (multi_gpu)")
 
 
 def adamw_class(use_8bit_adam: bool) -> type:
