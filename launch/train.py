@@ -30,12 +30,13 @@ def run(cfg: DictConfig) -> dict:
 
     from memfilter.launch.builders import (build_components, build_dataset, build_filter, build_mitigation,
                                           build_protect, native_resolution)
+    from memfilter.train.backends import accelerator_kwargs
     from memfilter.train.loop import train
     from memfilter.train.tracking import NullTracker
 
     check_train_config(cfg, torch.cuda.is_available())
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision, **accelerator_kwargs(torch.cuda.is_available()),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed))
     # Every rank resolved output_dir (with its own clock); rank 0's value wins.
     out = [str(cfg.output_dir)]

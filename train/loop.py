@@ -9,7 +9,8 @@ Counting, when samples are dropped:
   schedule advance (the schedule is a function of data consumed, not of updates made), but the
   optimizer and EMA are not stepped and the step is counted in `skipped_steps`. Every rank still runs
   its backward, so DDP's all-reduce never waits on a missing rank. A step whose (all-reduced) gradient
-  norm is inf or NaN is not applied either, and counted in `nonfinite_steps`.
+  norm is inf or NaN is not applied either, and counted in `nonfinite_steps`. (DeepSpeed steps inside
+  backward: there the loss is prescaled by the global kept count instead, see train.backends.)
 - Epochs are passes over the data: `max_train_steps` defaults to num_train_epochs x (batches per
   epoch / gradient_accumulation_steps), whatever the filter drops.
 
@@ -41,6 +42,7 @@ from memfilter.filtering.policies import FilterPolicy, item_groups
 from memfilter.filtering.protect import Protect
 from memfilter.filtering.records import RecordWriter
 from memfilter.filtering.settings import check_settings, int_at_least, is_int, num_in, setting
+from memfilter.train.backends import check_backend, configure_deepspeed, is_deepspeed
 from memfilter.train.checkpoint import (find_checkpoint, is_sharded, load_checkpoint, register_diffusers_format,
                                        save_checkpoint)
 from memfilter.train.data.collate import CollateForTraining
@@ -274,9 +276,9 @@ class _Run:
 
     def __init__(self, accelerator, components: Components, policy: FilterPolicy, args: TrainArgs, tracker,
                  config: dict | None, protect: Protect | None, mitigation: Mitigation | None = None):
+        check_backend(accelerator, args)
         if accelerator.gradient_accumulation_steps != 1:
             raise ValueError("create the Accelerator with gradient_accumulation_steps=1: the loop accumulates itself")
-        check_backend(accelerator, args)
         self.accelerator, self.c, self.policy, self.args = accelerator, components, policy, args
         self.tracker, self.config, self.protect = tracker, config, protect
         self.mitigation = mitigation if mitigation is not None and mitigation.active else None
@@ -348,6 +350,9 @@ class _Run:
         params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = adamw_class(optim.use_8bit_adam)(params, lr=lr, betas=(optim.adam_beta1, optim.adam_beta2),
                                            weight_decay=optim.adam_weight_decay, eps=optim.adam_epsilon)
+        self.deepspeed = is_deepspeed(self.accelerator)    # its backward steps: the loss is prescaled (backends)
+        if self.deepspeed:
+            configure_deepspeed(self.accelerator, args)
         self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
         register_diffusers_format(self.accelerator, self.family, self.ema, lora=bool(args.lora_rank))
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
@@ -475,8 +480,7 @@ class _Run:
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups,
                 reference=self.reference if self.anchor else None,
                 anchor_weight=args.anchor_weight)
-            # x world: DDP averages gradients over ranks, we want their sum (divided by the kept total later)
-            self.accelerator.backward(out.loss_sum * self.world)
+            self._backward(out)
         self.records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
                             out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
         self.window.add(out.stats)
@@ -491,10 +495,24 @@ class _Run:
         state.dup_kept += int((g.duplicate & g.keep).sum())
         return out.kept_global + out.anchored_global     # the samples in the loss: the gradient's divisor
 
+    def _backward(self, out) -> None:
+        """x world: DDP and FSDP2 average gradients over ranks, we want their sum (divided by the kept total in
+        `update`). DeepSpeed steps inside backward, so the division comes first, and a step with nothing in the
+        loss or a non-finite loss on any rank is not backpropagated (train.backends)."""
+        if not self.deepspeed:
+            self.accelerator.backward(out.loss_sum * self.world)
+            return
+        total = out.kept_global + out.anchored_global
+        finite = torch.isfinite(out.loss_sum.detach()).float().reshape(1)
+        self.stepped_in_backward = bool(total) and bool(self.accelerator.gather(finite).min() > 0)
+        if self.stepped_in_backward:
+            self.accelerator.backward(out.loss_sum * (self.world / total))
+
     def update(self, kept_total: int) -> None:
         """The optimizer, EMA and schedule step of a global step (module docstring: counting)."""
         optimizer_update(self.accelerator, self.params, self.optimizer, self.ema, self.raw_unet, kept_total,
-                         self.args.max_grad_norm, self.state, offload_ema=self.args.offload_ema)
+                         self.args.max_grad_norm, self.state, offload_ema=self.args.offload_ema,
+                         stepped_in_backward=self.stepped_in_backward if self.deepspeed else None)
         with warnings.catch_warnings():   # a skipped step advances the schedule on purpose (module docstring)
             warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step")
             self.lr_scheduler.step()
@@ -590,29 +608,6 @@ class _Run:
         }
 
 
-def check_backend(accelerator, args: TrainArgs) -> None:
-    """Stop at start on a distributed backend the loop cannot serve, naming the way out. DDP and FSDP2 are served:
-    both average gradients over ranks, so the loop's sum-of-kept-losses x world / global kept count is exact under
-    either, and FSDP2's gradients are DTensor shards that the division and clipping treat like tensors."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        raise ValueError("DeepSpeed is not supported: its backward also steps the optimizer, before the loop can "
-                         "divide the gradient by the step's global kept count or skip a step that kept nothing; "
-                         "use FSDP (launch/accelerate/fsdp.yaml) or DDP (multi_gpu)")
-    if kind != DistributedType.FSDP:
-        return
-    version = getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
-    if version != 2:
-        raise ValueError(f"FSDP version {version} is not supported: set fsdp_version: 2 in the accelerate config "
-                         "(launch/accelerate/fsdp.yaml); FSDP2's gradients are the shards the loop divides")
-    for bad, what in ((args.use_ema, "use_ema=true"), (args.lora_rank, "model.lora.rank>0")):
-        if bad:
-            raise ValueError(f"{what} is not supported under FSDP (the EMA and the adapters would need their own "
-                             "sharding): drop it, or use DDP (multi_gpu)")
-
-
 def adamw_class(use_8bit_adam: bool) -> type:
     """torch's AdamW, or bitsandbytes' AdamW8bit (diffusers' --use_8bit_adam), an optional extra."""
     if not use_8bit_adam:
@@ -626,15 +621,22 @@ def adamw_class(use_8bit_adam: bool) -> type:
 
 
 def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total: int, max_grad_norm: float,
-                     state: TrainState, offload_ema: bool = False) -> bool:
+                     state: TrainState, offload_ema: bool = False, stepped_in_backward: bool | None = None) -> bool:
     """The step's update from the accumulated gradient: divided by the global kept count, clipped, then the
     optimizer and the EMA step. No update when every sample was dropped (`skipped_steps`) or when the gradient
     norm is not finite (`nonfinite_steps`: an inf/NaN from bf16 overflow or a bad sample would otherwise be
     stepped into the weights and the EMA). The norm is of the all-reduced gradient: every rank decides alike.
-    Returns whether the weights were updated."""
+    Under DeepSpeed the optimizer already stepped in backward (`stepped_in_backward`; False: the loss was not
+    finite, nothing was backpropagated), and only the EMA follows. Returns whether the weights were updated."""
     if kept_total == 0:
         state.skipped_steps += 1
         return False
+    if stepped_in_backward is not None:
+        if not stepped_in_backward:
+            state.nonfinite_steps += 1
+            return False
+        _ema_step(ema, unet, offload_ema)
+        return True
     for p in params:
         if p.grad is not None:
             p.grad.div_(kept_total)
@@ -643,13 +645,18 @@ def optimizer_update(accelerator, params: list, optimizer, ema, unet, kept_total
         state.nonfinite_steps += 1
         return False
     optimizer.step()
-    if ema is not None:
-        if offload_ema:                      # diffusers' --offload_ema: to the device for the update, then back
-            ema.to(unet.device, non_blocking=True)
-        ema.step(unet.parameters())
-        if offload_ema:
-            ema.to("cpu", non_blocking=True)
+    _ema_step(ema, unet, offload_ema)
     return True
+
+
+def _ema_step(ema, unet, offload_ema: bool) -> None:
+    if ema is None:
+        return
+    if offload_ema:                      # diffusers' --offload_ema: to the device for the update, then back
+        ema.to(unet.device, non_blocking=True)
+    ema.step(unet.parameters())
+    if offload_ema:
+        ema.to("cpu", non_blocking=True)
 
 
 def _log(tracker, bar, stats: StepStats | None, policy: FilterPolicy, lr: float, state: TrainState) -> None:
