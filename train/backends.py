@@ -43,6 +43,18 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def deepspeed_autocast_dtype(accelerator):
+    """The compute dtype of DeepSpeed's torch_autocast (zero2.json: bf16) when it is on, else None. The loop then
+    runs its own no-grad forwards (the magnitude, the anchor's reference, validation) under the same autocast and
+    keeps the frozen modules in that dtype, as accelerate's mixed_precision does under DDP."""
+    if not is_deepspeed(accelerator):
+        return None
+    from deepspeed.runtime.config import get_torch_autocast_dtype, get_torch_autocast_enabled
+
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    return get_torch_autocast_dtype(ds) if get_torch_autocast_enabled(ds) else None
+
+
 def check_backend(accelerator, args) -> None:
     """Stop at start on a distributed backend, or a setting under it, that the loop cannot serve, naming the way
     out. `args` is the loop's TrainArgs."""

@@ -42,7 +42,7 @@ from memfilter.filtering.policies import FilterPolicy, item_groups
 from memfilter.filtering.protect import Protect
 from memfilter.filtering.records import RecordWriter
 from memfilter.filtering.settings import check_settings, int_at_least, is_int, num_in, setting
-from memfilter.train.backends import check_backend, configure_deepspeed, is_deepspeed
+from memfilter.train.backends import check_backend, configure_deepspeed, deepspeed_autocast_dtype, is_deepspeed
 from memfilter.train.checkpoint import (find_checkpoint, is_sharded, load_checkpoint, register_diffusers_format,
                                        save_checkpoint)
 from memfilter.train.data.collate import CollateForTraining
@@ -285,8 +285,10 @@ class _Run:
         self.family = get_family(components)
         self.run_dir = Path(args.output_dir)
         self.dev, self.rank, self.world = accelerator.device, accelerator.process_index, accelerator.num_processes
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
-                                                                                 torch.float32)
+        low = deepspeed_autocast_dtype(accelerator)        # DeepSpeed's torch_autocast, else accelerate's
+        self.weight_dtype = low or {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                                        torch.float32)
+        self.autocast = (lambda: torch.autocast(self.dev.type, dtype=low)) if low else accelerator.autocast
         self.state, self.data_report, self.window = TrainState(), DataReport(), _Window()
         self.epochs_done = 0            # the last epoch whose final micro-batch was consumed (validation_epochs)
         # m is measured for a policy that reads it, and for a plain fine-tune's records when log_magnitudes
@@ -361,7 +363,7 @@ class _Run:
 
     def reference(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """The base model's prediction (no grad), the target of an anchored sample."""
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.autocast():
             if self.reference_unet is not None:
                 return self.reference_unet(x_t, t, **cond).sample
             self.raw_unet.disable_adapters()         # LoRA: the base is the same UNet without its adapters
@@ -476,7 +478,7 @@ class _Run:
                 self.unet, self.c.noise_scheduler, latents, cond, uncond, self.policy, gen, eligible=judged,
                 is_duplicate=batch["dup_group"].to(dev) >= 0, magnitude_unet=self.raw_unet,
                 snr_gamma=args.snr_gamma, noise=args, gather=self.accelerator.gather,
-                rank=self.rank, autocast=self.accelerator.autocast, compute_magnitude=self.compute_m,
+                rank=self.rank, autocast=self.autocast, compute_magnitude=self.compute_m,
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups,
                 reference=self.reference if self.anchor else None,
                 anchor_weight=args.anchor_weight)
@@ -550,7 +552,7 @@ class _Run:
                 ema.store(raw_unet.parameters())
                 ema.copy_to(raw_unet.parameters())
             raw_unet.eval()
-            with self.accelerator.autocast():      # frozen modules are in weight_dtype, the UNet in fp32
+            with self.autocast():      # frozen modules are in weight_dtype, the UNet in fp32
                 images = validation_images(self.c, raw_unet, list(args.validation_prompts),
                                            num_images=args.num_validation_images,
                                            num_inference_steps=args.validation_inference_steps,
