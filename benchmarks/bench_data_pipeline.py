@@ -28,7 +28,9 @@ What is timed, one epoch each, over the same JPEG bytes:
   fresh), the seeded shard shuffle and shuffle buffer (filled before the first sample comes out),
   the source's load_image checks (header pixel count, EXIF transpose), caption and json parsing,
   CLIP tokenization (transformers' CLIPTokenizer, padded to 77), stacking the batch and, with
-  workers, their start-up (fork by default on Linux) and passing each batch back through shared memory.
+  workers, their start-up (fork by default on Linux) and passing each batch back through shared memory
+  (each batch released when the next is taken, as the loop's data stream does, so that the workers refill
+  their PixelRing segments).
   `total` counts the whole epoch from creating the DataLoader iterator to the last batch, start-up
   and the shuffle-buffer fill included; `steady` leaves out the first batch of each worker
   (the first max(1, N) batches) and times from its arrival to the end.
@@ -71,7 +73,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from memfilter.train.data.collate import CollateForTraining  # noqa: E402
+from memfilter.train.data.collate import CollateForTraining, release_pixels  # noqa: E402
 from memfilter.train.data.transforms import IMAGE_BLOCKS, ImageTransform  # noqa: E402
 from memfilter.train.data.wds import WebDatasetSource  # noqa: E402
 from memfilter.train.tokenizer import DEFAULT_WORDS, build_tiny_tokenizer  # noqa: E402
@@ -239,6 +241,7 @@ def _pipeline_epoch(pattern: str, workers: int, args: argparse.Namespace) -> dic
     for batch in loader:
         arrivals.append(time.perf_counter() - t0)
         samples.append(len(batch["keys"]))
+        release_pixels(batch)          # as the loop's data stream does when it takes the next batch (PixelRing)
     total_s = arrivals[-1]
     n = sum(samples)
     steady_n, steady_s = sum(samples[warm:]), total_s - arrivals[warm - 1]

@@ -287,7 +287,8 @@ def test_pillow_block_cache_is_turned_on_unless_the_user_chose(monkeypatch):
     import torch
     hwc = [np.random.default_rng(i).integers(0, 256, (5, 7, 3), dtype=np.uint8) for i in range(3)]
     planar = [torch.from_numpy(a).permute(2, 0, 1) for a in hwc]
-    batch = stack_pixels(planar, 5)
+    batch, ring = stack_pixels(planar, 5)
+    assert not ring                                          # outside a worker: private memory, nothing to release
     assert batch.shape == (3, 3, 5, 7) and torch.equal(batch, torch.stack(planar))
     out = to_model_range(batch)
     assert out.is_contiguous() and torch.equal(out, torch.stack(planar).float() / 127.5 - 1.0)

@@ -193,3 +193,38 @@ def test_batch_fields_from_workers_hold_each_samples_values_in_one_storage(tmp_p
         assert b["original_sizes"].tolist() == [[20, 20]] * len(b["keys"])
         assert b["dup_group"].tolist() == [int(k.split("-")[0][1:]) if k.endswith("-0") else -1 for k in b["keys"]]
     assert sorted(k for b in batches for k in b["keys"]) == sorted(f"s{s}-{i}" for s in range(2) for i in range(6))
+
+
+def _segment(batch) -> int:
+    """The shared-memory file a received batch's pixels lie in (its inode), as the main process maps it."""
+    import os
+    return os.fstat(batch["pixel_values"].untyped_storage()._share_fd_cpu_()[0]).st_ino
+
+
+def test_pixel_memory_is_refilled_only_after_the_stream_released_it(tmp_path):
+    """The loop's data stream releases each batch when it asks for the next, and the workers refill those few
+    shared-memory segments for the whole epoch (PixelRing) instead of faulting in a fresh one per batch; a consumer
+    that keeps every batch without releasing gets each intact. Both see exactly a worker-less read's pixels."""
+    import torch
+
+    from memfilter.train.data.collate import PixelRing
+    from memfilter.train.data.feed import data_stream
+    from memfilter.train.data.wds import StreamFeed
+    from memfilter.train.loop import TrainState
+
+    pattern = write_shards(tmp_path / "shards", n_shards=8, per_shard=6)         # 48 samples: 16 batches of 3
+    ref = {k: px for b in epoch_batches(pattern, 0, 1, 0, batch_size=3) for k, px in zip(b["keys"], b["pixel_values"])}
+    assert len({tuple(px[:, 0, 0].tolist()) for px in ref.values()}) == 48        # every sample its own colour
+    src = WebDatasetSource(pattern, seed=1, shuffle_buffer=5)
+    src.bind(COLLATE, rank=0, world_size=1, batch_size=3)
+    stream, segments, keys = data_stream(StreamFeed(src, num_workers=2), TrainState()), [], []
+    for _ in range(16):
+        epoch, _, _, b = next(stream)
+        assert epoch == 0 and all(torch.equal(px, ref[k]) for k, px in zip(b["keys"], b["pixel_values"]))
+        segments.append(_segment(b))
+        keys += b["keys"]
+    assert sorted(keys) == sorted(ref)
+    assert len(set(segments)) <= 2 * PixelRing.SLOTS < 16 and len(set(segments[-8:])) < 8     # refilled in place
+    held = epoch_batches(pattern, 0, 1, 2, batch_size=3)                                      # never released
+    assert all(torch.equal(px, ref[k]) for b in held for k, px in zip(b["keys"], b["pixel_values"]))
+    assert len({_segment(b) for b in held}) == 16

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from memfilter.train.data.collate import release_pixels
 from memfilter.train.data.transforms import reuse_image_memory
 
 
@@ -85,4 +86,5 @@ def data_stream(feed, state):
         n = feed.batches_per_epoch(epoch)          # once per epoch, not per micro-batch
         for i, batch in enumerate(feed.batches(epoch, skip, state.positions), start=skip + 1):
             yield epoch, i, i == n, batch
+            release_pixels(batch)          # the loop asked for the next one: it holds nothing of this batch
         epoch, skip = epoch + 1, 0
