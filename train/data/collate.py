@@ -112,10 +112,12 @@ _RING: PixelRing | None = None           # this worker's (a forked worker starts
 def release_pixels(batch: dict) -> None:
     """The consumer is done with `batch`: the worker that sent it may refill its pixel memory (PixelRing). Call it
     only when nothing refers to the batch's pixel_values any more."""
-    if not batch.get("pixel_ring"):
+    pixels = batch.get("pixel_values")
+    if not batch.get("pixel_ring") or pixels.device.type != "cpu":   # a copy (to a device, pinned) holds no flag
         return
-    storage = batch["pixel_values"].untyped_storage()
-    torch.empty(0, dtype=torch.uint8).set_(storage, storage.nbytes() - 1, (1,)).zero_()
+    storage = pixels.untyped_storage()
+    if storage.is_shared() and storage.nbytes() == pixels.numel() + 1:
+        torch.empty(0, dtype=torch.uint8).set_(storage, storage.nbytes() - 1, (1,)).zero_()
 
 
 def stack_pixels(pixels: list[torch.Tensor], resolution: int) -> tuple[torch.Tensor, bool]:
