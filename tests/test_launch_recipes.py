@@ -127,6 +127,7 @@ def test_deepspeed_zero2_takes_ddps_filtered_steps_resumes_exactly_and_skips_an_
     from memfilter.filtering.records import read_records
     from memfilter.launch.builders import build_components
     from tests.conftest import TINY, compose, launch_cmd, run_cmd
+    from tests.test_processes import _unet_weights
 
     common = ["filter=batch_quantile", "filter.drop_fraction=0.25", "dropped_samples=drop", "max_train_steps=4",
               "checkpointing_steps=2", "proportion_empty_prompts=0", "optim.lr_scheduler=constant_with_warmup",
@@ -161,11 +162,6 @@ def test_deepspeed_zero2_takes_ddps_filtered_steps_resumes_exactly_and_skips_an_
     assert summary["samples_kept"] == 0 and summary["skipped_steps"] == summary["steps"] == 2
     d = _unet_weights(tmp_path / "all_dropped")
     assert all(torch.equal(d[k], base[k]) for k in d), "a step that kept nothing moved the weights"
-
-
-def _unet_weights(run_dir):
-    from safetensors.torch import load_file
-    return load_file(run_dir / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def _fake_bin(tmp_path):

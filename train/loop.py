@@ -482,7 +482,8 @@ class _Run:
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups,
                 reference=self.reference if self.anchor else None,
                 anchor_weight=args.anchor_weight)
-            self._backward(out)
+            total = out.kept_global + out.anchored_global     # the samples in the loss: the gradient's divisor
+            self._backward(out.loss_sum, total)
         self.records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
                             out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
         self.window.add(out.stats)
@@ -495,20 +496,19 @@ class _Run:
         state.samples_anchored += out.anchored_global
         state.dup_seen += int(g.duplicate.sum())
         state.dup_kept += int((g.duplicate & g.keep).sum())
-        return out.kept_global + out.anchored_global     # the samples in the loss: the gradient's divisor
+        return total
 
-    def _backward(self, out) -> None:
+    def _backward(self, loss_sum: torch.Tensor, total: int) -> None:
         """x world: DDP and FSDP2 average gradients over ranks, we want their sum (divided by the kept total in
         `update`). DeepSpeed steps inside backward, so the division comes first, and a step with nothing in the
         loss or a non-finite loss on any rank is not backpropagated (train.backends)."""
         if not self.deepspeed:
-            self.accelerator.backward(out.loss_sum * self.world)
+            self.accelerator.backward(loss_sum * self.world)
             return
-        total = out.kept_global + out.anchored_global
-        finite = torch.isfinite(out.loss_sum.detach()).float().reshape(1)
+        finite = torch.isfinite(loss_sum.detach()).float().reshape(1)
         self.stepped_in_backward = bool(total) and bool(self.accelerator.gather(finite).min() > 0)
         if self.stepped_in_backward:
-            self.accelerator.backward(out.loss_sum * (self.world / total))
+            self.accelerator.backward(loss_sum * (self.world / total))
 
     def update(self, kept_total: int) -> None:
         """The optimizer, EMA and schedule step of a global step (module docstring: counting)."""
