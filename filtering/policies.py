@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfilter.filtering.sketch import DistinctCount
 from memfilter.filtering.settings import check_settings, int_at_least, is_num, num_in, setting
 
 MAD_TO_STD = 1.4826  # MAD * 1.4826 estimates the std of a normal distribution
@@ -31,11 +32,13 @@ class FilterPolicy:
     uses_groups = False   # True: _decide also takes the item ids of every sample (see item_groups)
     group_by: tuple = ("caption",)   # which item ids the loop computes for it
     uses_losses = False              # True: _decide also takes the per-sample losses
+    uses_base = False                # True: _decide also takes the base model's losses and magnitudes
     needs_magnitude = True           # False: the loop runs no extra forward for it
 
     def decide(self, magnitudes: torch.Tensor, timesteps: torch.Tensor | None = None,
                eligible: torch.Tensor | None = None, groups: torch.Tensor | None = None,
-               losses: torch.Tensor | None = None) -> torch.Tensor:
+               losses: torch.Tensor | None = None, base_losses: torch.Tensor | None = None,
+               base_magnitudes: torch.Tensor | None = None) -> torch.Tensor:
         """Keep mask for one global batch.
 
         Args:
@@ -48,6 +51,8 @@ class FilterPolicy:
             groups: [N] or [N, G] int64 item ids (see item_groups), for policies that gather evidence per
                 item (`uses_groups`); ignored by the others.
             losses: [N] per-sample training losses, for policies that read them (`uses_losses`).
+            base_losses, base_magnitudes: [N] the frozen base model's loss and magnitude at each sample's x_t and
+                t, for policies whose null is the base model (`uses_base`).
         Returns:
             [N] bool, True = the sample stays in the loss.
         """
@@ -63,13 +68,23 @@ class FilterPolicy:
             if self.uses_groups:
                 if groups is None:
                     raise ValueError(f"the {self.name} policy needs the group (item) ids of every sample")
-                if self.uses_losses and losses is None:
-                    raise ValueError(f"the {self.name} policy with evidence {self.evidence} needs the losses")
-                extra = (losses.detach().float().cpu()[elig],) if self.uses_losses else ()
-                keep[elig] = self._decide(m[elig], tt, groups.detach().long().cpu()[elig], *extra)
+                keep[elig] = self._decide(m[elig], tt, groups.detach().long().cpu()[elig],
+                                          **self._inputs(elig, losses, base_losses, base_magnitudes))
             else:
-                keep[elig] = self._decide(m[elig], tt)
+                keep[elig] = self._decide(m[elig], tt, **self._inputs(elig, losses, base_losses, base_magnitudes))
         return keep.to(magnitudes.device)
+
+    def _inputs(self, elig, losses, base_losses, base_magnitudes) -> dict:
+        """The per-sample inputs beyond m and t that this policy reads, on the CPU, for the judged samples."""
+        wanted = {"losses": (self.uses_losses, losses), "base_losses": (self.uses_base, base_losses),
+                  "base_magnitudes": (self.uses_base, base_magnitudes)}
+        out = {}
+        for name, (used, x) in wanted.items():
+            if used:
+                if x is None:
+                    raise ValueError(f"the {self.name} policy needs {name} of every sample")
+                out[name] = x.detach().float().cpu()[elig]
+        return out
 
     def _decide(self, m: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -91,7 +106,7 @@ class NoFilter(FilterPolicy):
     name = "none"
     needs_magnitude = False
 
-    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None):
+    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None, **base):
         # everything, even a NaN magnitude (m is NaN when a plain fine-tune does not measure it)
         return torch.ones_like(magnitudes, dtype=torch.bool)
 
@@ -454,51 +469,58 @@ class CaptionHistory(FilterPolicy):
 
 @dataclass
 class ItemEvidence(FilterPolicy):
-    """Drops every sample of an item (an image; a caption on request) whose training signals stand out from
-    those of the items the model has rarely seen, at the same point of training. The default policy.
+    """Drops every sample of an item (an image; a caption on request) that the model, fine-tuned, treats
+    differently from the items it has rarely seen, *relative to what the base model does on the same input*.
+    The default policy.
 
-    Memorization is a property of an item seen many times, not of one draw: one sample's m is noisy (its
-    noise and timestep), and memorization builds up over an item's appearances. So evidence is gathered per
-    item and compared with the population at the same moment, never with the item's own past (an item whose
-    signals drift with the rest of the model is not memorized; one that stands out from the rest is):
+    Memorization is a property of an item seen many times, not of one draw: one sample's signals are noisy (its
+    noise and timestep), and memorization builds up over an item's appearances. So evidence is gathered per item,
+    in units that do not depend on how the data reaches the model:
 
-    1. reference: per timestep bucket, the last `window` values of each signal over samples of items *rarely
-       seen lately* (decayed count < `rare_count`: unique items, and every item at its first appearance),
-       before this batch. Repeated items never enter it, so a large duplicated share cannot drag it along;
-    2. per sample and signal, z = the normal quantile of the sample's rank within its bucket's reference
-       (exactly N(0, 1)-distributed for an ordinary sample whatever the signal's shape; bounded, so one
-       outlier cannot carry an item), minus the mean z of this batch's rarely-seen samples: the population
-       *now*, which removes the lag of the window while the model moves (in the toy world, fresh items'
-       loss rises during the learning-rate warm-up and the lag alone put them 0.26 below the reference).
-       Signals: "loss" (minus the log of the sample's training loss: the model denoising this very image
-       better than fresh ones, the earliest sign, from step ~25 in the toy world) and "magnitude" (log m,
-       Wen et al.'s text-conditional magnitude at the training x_t, which separates later but also marks
-       content the base model memorized before fine-tuning);
-    3. per item id (see `group_by`): per signal the decayed sum of z, and the decayed count n of its
-       appearances (each halves every `half_life` decisions), so the evidence follows the model as it trains;
-    4. an item is flagged when, for any signal, its mean z is above `margin` with confidence: mean -
-       z_crit / sqrt(n) > margin (one-sided; about 0.13% per look and signal at z_crit 3 for an item whose
-       true mean is at the margin). A flagged item stays flagged (by default: an item the model singles
-       out once will be learned again as soon as it is let back, and the toy world's replication came from
-       items let back) or, with `release` set, until its evidence falls to `release` for every signal;
-    5. a sample is dropped when any of its items is flagged, unless `readmit` > 0 and every flagged item of
-       it has been trained on less than `readmit` times lately (decayed count): then the item is trained on
-       at the rate of an item seen about once a half-life, like a unique image, so that what its caption
-       names is still learned while its details are not. Dropped samples keep adding evidence.
+    1. time is counted in samples seen, in *epochs of distinct items*: an item's counts halve every
+       `half_life_epochs` x D samples, D the number of distinct items seen so far (a 4 KiB HyperLogLog sketch,
+       filtering.sketch). A typical item, seen once per pass over the data, keeps a decayed count near 1; one
+       repeated r times per pass keeps ~r x half_life_epochs / ln 2. So the same exposures give the same
+       counts at batch 1 or 2048, on 1 or 64 GPUs, with any accumulation, and on 2k or 200M items;
+    2. the null (`null`): with "base" (the default) a sample's signals are taken relative to the frozen base
+       model *on the same noisy input and timestep* (the loop's anchor copy; LoRA: adapters off): loss
+       log(L_base / L) (the fine-tuned model denoising this very input better than the base did) and magnitude
+       log(m / m_base) (Wen et al.'s text-conditional magnitude, grown since the base). An image that is hard
+       or easy for the base, or that the base had memorized before fine-tuning, is then not evidence by itself.
+       "population": the raw signals -log L and log m (no extra forward; per-image difficulty is then evidence);
+    3. reference: per timestep bucket, the last `window` values of each signal over samples of items *rarely
+       seen lately* (decayed count < `rare_count`: every item of a single pass, and every item at its first
+       appearance). Repeated items never enter it, so a large duplicated share cannot drag it along;
+    4. per sample and signal, z = the normal quantile of the sample's rank within its bucket's reference
+       (N(0, 1) for an ordinary sample whatever the signal's shape; bounded, so one outlier cannot carry an
+       item), minus the mean z of the last `window` rarely-seen samples (the population *now*: the window lags
+       while the model moves, e.g. in a learning-rate warm-up);
+    5. per item id (see `group_by`): the decayed count of its appearances (the gate above) and, per signal, the
+       decayed sum of z and count of samples that measured it;
+    6. an item is flagged when, for any signal, its mean z is above `margin` with confidence: mean -
+       z_crit / sqrt(n) > margin with n >= `min_count` measured appearances (one-sided; about 0.13% per look and
+       signal at z_crit 3 for an item whose true mean is at the margin). A flagged item stays flagged (by
+       default) or, with `release` set, until its evidence falls to `release` for every signal;
+    7. a sample is dropped when any of its items is flagged, unless `readmit` > 0 and every flagged item of it
+       has been trained on less than `readmit` times lately (decayed count). Dropped samples keep adding evidence.
 
-    An item seen once (a unique image) never gathers `min_count` appearances within a half-life: only items
-    that repeat can be flagged, and only those the model treats differently from fresh ones. The state is
-    bounded: at most `capacity` items, least recently seen evicted first (an evicted item starts again from
-    no evidence); each tracked item costs 8 * (5 + #signals) bytes in a checkpoint (id, count, last
-    decision, flag, trained count and one sum per signal: 56 bytes with two signals) and about 300 bytes of
-    Python objects in memory (100k items: ~6 MB and ~30 MB).
+    Only an item repeated at least ~min_count x ln 2 / half_life_epochs (5.5 at the defaults) times as often as a
+    typical item can gather `min_count` appearances within a half-life; only those can be flagged, and only when
+    the fine-tuned model treats them differently from fresh ones. The state is bounded: at most `capacity` items,
+    least recently seen evicted first (an evicted item starts again from nothing); each tracked item costs
+    8 * (6 + #signals) bytes in a checkpoint (id, count, clock, flag, trained count, measured count and one sum
+    per signal: 64 bytes with two signals) and about 330 bytes of Python objects in memory (100k items: ~6 MB
+    and ~33 MB), plus 4 KiB of sketch.
 
     Args:
         margin: mean z (in units of the per-sample spread) above which an item stands out. Default 0.0:
             any confident excess over fresh items.
         z_crit: confidence multiplier of the test. Default 3.0.
-        min_count: appearances (decayed) an item needs before it can be flagged. Default 8.
-        half_life: decisions (global micro-batches) after which old evidence weighs half. Default 50.
+        min_count: measured appearances (decayed) an item needs before it can be flagged. Default 8.
+        half_life_epochs: after this many passes over the distinct items seen, old evidence weighs half.
+            Default 1.0.
+        null: "base" (signals relative to the frozen base model on the same input: needs its forward with the
+            prompt and with the empty prompt) or "population" (raw signals, no extra forward). Default "base".
         min_timestep: only samples at t >= min_timestep add evidence; the decision applies at every t.
             Default 0.
         num_buckets: equal timestep buckets of the reference. Default 10.
@@ -511,20 +533,19 @@ class ItemEvidence(FilterPolicy):
         release: None (a flagged item stays flagged) or the mean z (<= `margin`) at which it is released.
             Default None.
         readmit: a flagged item's appearance is trained on when the item's decayed count of trained
-            appearances is below this (0.5 at half-life 50: about once every 50 decisions); 0 never.
-            Default 0.
-        group_by: the item ids of a sample: "image" (a perceptual hash of its pixels, so one image under many
-            captions is one item, near copies mostly too) and/or "caption" (its caption's hash: only where a
-            caption names one item; captions shared by many images make poor items). The first kind also
-            decides rarity. Default ("image",).
+            appearances is below this; 0 never. Default 0.
+        group_by: the item ids of a sample: "image" (an id of the source image before any random crop or flip,
+            or the prep manifest's, see filtering.items) and/or "caption" (its caption's hash: only where a
+            caption names one item). The first kind also decides rarity. Default ("image",).
         evidence: the signals, "loss" and/or "magnitude". Default ("loss", "magnitude").
     """
 
     margin: float = setting(0.0, "a number >= 0, e.g. filter.margin=0", lambda v: is_num(v) and v >= 0)
     z_crit: float = setting(3.0, "a number >= 0, e.g. filter.z_crit=3", lambda v: is_num(v) and v >= 0)
     min_count: float = setting(8.0, "a number >= 1, e.g. filter.min_count=8", lambda v: is_num(v) and v >= 1)
-    half_life: float = setting(50.0, "a number > 0 (decisions), e.g. filter.half_life=50",
-                               lambda v: is_num(v) and v > 0)
+    half_life_epochs: float = setting(1.0, "a number > 0 (passes over the distinct items), e.g. "
+                                      "filter.half_life_epochs=1", lambda v: is_num(v) and v > 0)
+    null: str = setting("base", "base or population", lambda v: v in ("base", "population"))
     min_timestep: int = setting(0, "an integer >= 0, e.g. filter.min_timestep=500", int_at_least(0))
     num_buckets: int = setting(10, "an integer in [1, 1000]", lambda v: int_at_least(1)(v) and v <= 1000)
     num_train_timesteps: int = 1000
@@ -541,39 +562,62 @@ class ItemEvidence(FilterPolicy):
                               "filter.evidence=[magnitude,loss]", lambda v: len(v) >= 1 and set(v) <= {"magnitude", "loss"})
     name = "item"
     uses_groups = True
+    _FIXED = 6          # per-item row: count, clock, flag, trained, measured, (one sum per signal), id in front
 
     def __post_init__(self):
         check_settings(self, "filter.")
         _check_window(self)
         self.group_by, self.evidence = tuple(self.group_by), tuple(self.evidence)
-        item_groups(self.group_by, [], torch.zeros(0, 3, 8, 8))          # validate the kinds
-        if not self.evidence or not set(self.evidence) <= {"magnitude", "loss"}:
-            raise ValueError(f"filter.evidence={list(self.evidence)}: choose magnitude and/or loss")
         if self.release is not None and self.release > self.margin:
             raise ValueError(f"filter.release={self.release} > filter.margin={self.margin}: an item would be "
                              "released as soon as it is flagged; set release <= margin, or null to hold it")
         self._wins = [[_Window(self.window) for _ in range(self.num_buckets)] for _ in self.evidence]
-        self._items: OrderedDict[int, list] = OrderedDict()   # id -> [count, last call, flag, trained, sum z ...]
-        self._calls = 0
-        self._decay = 0.5 ** (1.0 / self.half_life)
+        self._now = [_Window(self.window) for _ in self.evidence]     # recent rarely-seen z: the population now
+        self._items: OrderedDict[int, list] = OrderedDict()  # id -> [count, clock, flag, trained, measured, sums..]
+        self._distinct = DistinctCount()
+        self._clock = 0.0               # accumulated ln-decay: an item's counts decay by exp(-(clock - its clock))
+        self._samples = 0
 
     @property
     def uses_losses(self) -> bool:
-        return "loss" in self.evidence
+        return "loss" in self.evidence or self.null == "base"
+
+    @property
+    def uses_base(self) -> bool:
+        """The loop must hand the base model's loss and magnitude at each sample's x_t and t."""
+        return self.null == "base"
+
+    def _signals(self, m, losses, base_losses, base_magnitudes) -> list[torch.Tensor]:
+        """[N] per signal, larger = more like memorization (see the class docstring, 2)."""
+        log = lambda x: x.float().clamp_min(1e-12).log()  # noqa: E731
+        out = []
+        for e in self.evidence:
+            if self.null == "base":
+                out.append(log(base_losses) - log(losses) if e == "loss" else log(m) - log(base_magnitudes))
+            else:
+                out.append(-log(losses) if e == "loss" else log(m))
+        return out
 
     def _zscores(self, x: torch.Tensor, buckets: torch.Tensor, wins: list) -> torch.Tensor:
         """[N] the normal quantile of each value's mid-rank within its bucket's reference (NaN while the bucket
-        warms up)."""
+        warms up, or where the value is not finite)."""
         z = torch.full((x.shape[0],), float("nan"))
         for b in buckets.unique().tolist():
             ref = wins[b].values
             if ref.numel() < self.warmup:
                 continue
-            sel = buckets == b
+            sel = (buckets == b) & torch.isfinite(x)
             xs = x[sel].float()[:, None]
             u = ((xs > ref).sum(1) + 0.5 * (xs == ref).sum(1) + 0.5) / (ref.numel() + 1)
             z[sel] = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
         return z
+
+    def _advance(self, first_ids: torch.Tensor) -> None:
+        """The clock moves by the batch's samples, in half-lives of half_life_epochs x distinct items seen."""
+        self._distinct.add(first_ids)
+        self._samples += first_ids.numel()
+        per_half_life = self.half_life_epochs * max(self._distinct.estimate(), 1.0)
+        self._clock += math.log(2.0) * first_ids.numel() / per_half_life
 
     def _rare(self, ids: list) -> torch.Tensor:
         """[N] whether each sample's first item is rarely seen: before this batch, and not earlier in it."""
@@ -586,85 +630,99 @@ class ItemEvidence(FilterPolicy):
     def _seen(self, gid: int) -> float:
         """Decayed count of item `gid`'s appearances so far (0 for an item not tracked)."""
         row = self._items.get(gid)
-        return 0.0 if row is None else row[0] * self._decay ** (self._calls - row[1])
+        return 0.0 if row is None else row[0] * math.exp(row[1] - self._clock)
 
     def _update(self, gid: int, z: list | None) -> bool:
         """Add one appearance (with per-signal evidence z, or none) to item `gid`; returns whether it is
         flagged."""
         row = self._items.get(gid)
         if row is None:
-            if z is None:
-                return False
-            row = self._items[gid] = [0.0, self._calls, 0.0, 0.0] + [0.0] * len(self.evidence)
+            row = self._items[gid] = [0.0, self._clock, 0.0, 0.0, 0.0] + [0.0] * len(self.evidence)
             if len(self._items) > self.capacity:
                 self._items.popitem(last=False)            # the least recently seen item
         else:
             self._items.move_to_end(gid)
-        f = self._decay ** (self._calls - row[1])
-        row[0], row[1], row[3] = row[0] * f, self._calls, row[3] * f
-        row[4:] = [s * f for s in row[4:]]
+        f = math.exp(row[1] - self._clock)
+        row[0], row[1], row[3], row[4] = row[0] * f + 1.0, self._clock, row[3] * f, row[4] * f
+        row[5:] = [s * f for s in row[5:]]
         if z is not None:
-            row[0] += 1.0
-            row[4:] = [s + zk for s, zk in zip(row[4:], z)]
-        if row[0] > 0:
-            means = [s / row[0] for s in row[4:]]
+            row[4] += 1.0
+            row[5:] = [s + zk for s, zk in zip(row[5:], z)]
+        if row[4] > 0:
+            means = [s / row[4] for s in row[5:]]
             if row[2]:
                 row[2] = float(self.release is None or max(means) > self.release)
-            elif row[0] >= self.min_count:
-                row[2] = float(max(means) - self.z_crit / math.sqrt(row[0]) > self.margin)
+            elif row[4] >= self.min_count:
+                row[2] = float(max(means) - self.z_crit / math.sqrt(row[4]) > self.margin)
                 row[3] = 0.0 if row[2] else row[3]         # from the flag on, `readmit` counts afresh
         return bool(row[2])
 
-    def _decide(self, m, t, g, losses=None):
+    def _evidence(self, m, t, rare, losses, base_losses, base_magnitudes) -> torch.Tensor:
+        """[N, S] z per sample and signal (NaN where it gives none); the reference and the population window
+        take this batch's rarely-seen samples."""
+        buckets = (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
+        signals = self._signals(m, losses, base_losses, base_magnitudes)
+        z = torch.stack([self._zscores(x, buckets, wins) for x, wins in zip(signals, self._wins)], 1)  # [N, S]
+        for k, now in enumerate(self._now):
+            now.add(z[rare & torch.isfinite(z[:, k]), k])
+            if len(now):
+                z[:, k] -= now.values.mean()
+        for x, wins in zip(signals, self._wins):     # the reference: items the model has rarely seen lately
+            for b in buckets.unique().tolist():
+                wins[b].add(x[(buckets == b) & rare & torch.isfinite(x)])
+        return z
+
+    def _decide(self, m, t, g, losses=None, base_losses=None, base_magnitudes=None):
         if t is None:
             raise ValueError("the item policy needs the timesteps of the batch")
+        if self.null == "base" and (base_losses is None or base_magnitudes is None):
+            raise ValueError("filter.null=base needs the base model's loss and magnitude of every sample (the "
+                             "training loop computes them); use filter.null=population without a base model")
         g = g.reshape(m.numel(), -1)                                      # [N, G] item ids, 0 = none
-        self._calls += 1
-        buckets = (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
-        signals = [m.clamp_min(1e-12).log() if e == "magnitude" else -losses.clamp_min(1e-12).log()
-                   for e in self.evidence]
         ids = g.tolist()
         rare = self._rare(ids)
-        z = torch.stack([self._zscores(x, buckets, wins) for x, wins in zip(signals, self._wins)], 1)  # [N, S]
-        now = rare[:, None] & torch.isfinite(z)
-        z = z - torch.where(now, z, 0.0).sum(0) / now.sum(0).clamp_min(1)   # the population at this step
+        self._advance(g[:, 0])
+        z = self._evidence(m, t, rare, losses, base_losses, base_magnitudes)
         usable = (t >= self.min_timestep) & torch.isfinite(z).all(1)
         keep = torch.ones_like(m, dtype=torch.bool)
         for i, (zi, ok) in enumerate(zip(z.tolist(), usable.tolist())):   # in batch order: the same on every rank
             mine = [gid for gid in ids[i] if gid]
             flagged = [gid for gid in mine if self._update(gid, zi if ok else None)]
-            keep[i] = all(self._items[gid][3] < self.readmit for gid in flagged)
+            keep[i] = all(self._items[gid][3] < self.readmit for gid in flagged if gid in self._items)
             if keep[i]:
                 for gid in mine:
                     if gid in self._items:
                         self._items[gid][3] += 1.0                 # trained on (decayed count)
-        for x, wins in zip(signals, self._wins):        # the reference: items the model has rarely seen lately
-            for b in buckets.unique().tolist():
-                wins[b].add(x[(buckets == b) & rare])
         return keep
 
     def thresholds(self):
         if not self._items:
             return {}
         flags = [row[2] for row in self._items.values()]
-        return {"items_tracked": float(len(flags)), "items_flagged": float(sum(flags))}
+        return {"items_tracked": float(len(flags)), "items_flagged": float(sum(flags)),
+                "distinct_items": self._distinct.estimate()}
 
     def state_dict(self):
         ids = list(self._items)                         # LRU order: eviction resumes exactly
-        rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, 4 + len(self.evidence))
+        width = self._FIXED - 1 + len(self.evidence)
+        rows = torch.tensor([self._items[i] for i in ids], dtype=torch.float64).reshape(-1, width)
         return {"values": [w.values.clone() for wins in self._wins for w in wins],
-                "item_ids": torch.tensor(ids, dtype=torch.long), "item_state": rows, "calls": self._calls}
+                "now": [w.values.clone() for w in self._now], "item_ids": torch.tensor(ids, dtype=torch.long),
+                "item_state": rows, "clock": self._clock, "samples": self._samples,
+                "distinct": self._distinct.state_dict()}
 
     def load_state_dict(self, state):
-        width = 4 + len(self.evidence)
-        if state["item_state"].shape[-1] != width:
-            raise ValueError(f"checkpoint's item filter state has {state['item_state'].shape[-1] - 4} signals, "
-                             f"config filter.evidence={list(self.evidence)} has {len(self.evidence)}")
-        flat = [w for wins in self._wins for w in wins]
-        _restore_windows(flat, state["values"])
+        width = self._FIXED - 1 + len(self.evidence)
+        if "clock" not in state or state["item_state"].shape[-1] != width:
+            raise ValueError("the checkpoint's item filter state is not this version's or has another number of "
+                             f"signals (config filter.evidence={list(self.evidence)}): resume with the memfilter "
+                             "and filter.evidence that wrote it")
+        _restore_windows([w for wins in self._wins for w in wins], state["values"])
+        _restore_windows(self._now, state["now"])
         self._items = OrderedDict((int(i), [float(x) for x in row])
                                   for i, row in zip(state["item_ids"].tolist(), state["item_state"].tolist()))
-        self._calls = int(state["calls"])
+        self._clock, self._samples = float(state["clock"]), int(state["samples"])
+        self._distinct.load_state_dict(state["distinct"])
 
 
 @dataclass
@@ -699,7 +757,7 @@ class Precomputed(FilterPolicy):
             raise ValueError(str(e)) from None
         self._dropped = torch.tensor(sorted({key_group(k) for k in keys}), dtype=torch.long)
 
-    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None):
+    def decide(self, magnitudes, timesteps=None, eligible=None, groups=None, losses=None, **base):
         if groups is None:
             raise ValueError("the precomputed policy needs the key ids of every sample (item_groups with 'key')")
         keep = ~torch.isin(groups.detach().long().cpu().reshape(len(magnitudes), -1)[:, 0], self._dropped)

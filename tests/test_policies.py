@@ -492,7 +492,7 @@ def _item_stream(seed: int, steps: int = 80, rise_from: int = 20):
 
 def _item_policy(**kw):
     from memfilter.filtering.policies import ItemEvidence
-    return ItemEvidence(**{"num_buckets": 4, "window": 64, "warmup": 16, **kw})
+    return ItemEvidence(**{"num_buckets": 4, "window": 64, "warmup": 16, "null": "population", **kw})
 
 
 @pytest.mark.parametrize("evidence", [("magnitude",), ("loss",), ("magnitude", "loss")])
@@ -568,7 +568,7 @@ def test_item_policy_state_stays_bounded_on_a_million_distinct_captions():
     state = p.state_dict()
     assert len(p._items) == capacity == state["item_ids"].numel()
     item_bytes = state["item_ids"].numel() * 8 + state["item_state"].numel() * state["item_state"].element_size()
-    assert item_bytes == capacity * 48           # 8 (id) + 8 x (count, last, flag, trained, one sum per signal)
+    assert item_bytes == capacity * 56   # 8 (id) + 8 x (count, clock, flag, trained, measured, one sum per signal)
     assert int(state["item_ids"][-1]) == 2 * (n - 1) + 1                      # the newest stay, the oldest left
 
 
@@ -593,7 +593,8 @@ def test_item_groups_caption_and_image_ids_survive_the_float_gather():
 def test_item_policy_holds_a_flagged_item_by_default_or_until_its_evidence_falls_to_release():
     """A flagged item stays flagged (release null); with `release` set, it is let back once its evidence fell."""
     def run(release):
-        p = _item_policy(evidence=("magnitude",), release=release, margin=0.5, num_buckets=1, half_life=5,
+        p = _item_policy(evidence=("magnitude",), release=release, margin=0.5, num_buckets=1,
+                         half_life_epochs=0.1,
                          min_count=4)
         g = torch.Generator().manual_seed(0)
         held = []
@@ -637,7 +638,8 @@ def test_item_policy_readmits_a_flagged_item_at_the_rate_of_a_rarely_seen_one():
     """readmit: a flagged item is trained on again whenever its decayed trained count fell below `readmit`
     (about once a half-life at 0.5), never more; without it, never."""
     def run(readmit):
-        p = _item_policy(evidence=("magnitude",), readmit=readmit, num_buckets=1, half_life=10, min_count=4)
+        p = _item_policy(evidence=("magnitude",), readmit=readmit, num_buckets=1, half_life_epochs=0.2,
+                         min_count=4)
         g = torch.Generator().manual_seed(0)
         kept = []
         for step in range(100):
@@ -647,10 +649,15 @@ def test_item_policy_readmits_a_flagged_item_at_the_rate_of_a_rarely_seen_one():
             keep = p.decide(m, torch.full((64,), 900), groups=image[:, None])
             assert keep[4:].all()
             kept.append(int(keep[:4].sum()))
+            clocks.append(p._clock)
         return kept
-    never, half = run(0.0), run(0.5)
+    clocks = []
+    never = run(0.0)
+    clocks.clear()
+    half = run(0.5)
     flag = next(s for s, k in enumerate(never) if k < 4)
     assert sum(never[flag + 1:]) == 0
     late = half[flag + 1:]
+    half_lives = (clocks[-1] - clocks[flag]) / math.log(2)           # the policy's own clock, in half-lives
     assert max(late) == 1                                  # one appearance at a time ...
-    assert 0.5 * len(late) / 10 <= sum(late) <= 1.5 * len(late) / 10 + 1    # ... about once a half-life
+    assert half_lives >= 5 and 0.5 * half_lives <= sum(late) <= 1.5 * half_lives + 1   # ... about once a half-life

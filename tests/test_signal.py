@@ -205,7 +205,8 @@ def test_step_stats_travel_by_name_through_one_gather_with_exact_48_bit_ids():
                          timestep=torch.arange(b) + 100 * r, eligible=torch.arange(b) % 2 == 0,
                          duplicate=torch.full((b,), r == 1), loss=torch.full((b,), 0.25 * (r + 1)),
                          valid=torch.ones(b, dtype=torch.bool),
-                         groups=torch.tensor([[2 ** 48 - 1 - i - r, 7 + i] for i in range(b)]))
+                         groups=torch.tensor([[2 ** 48 - 1 - i - r, 7 + i] for i in range(b)]),
+                         base_loss=torch.full((b,), 0.5 * (r + 1)), base_magnitude=torch.full((b,), 3.0 + r))
 
     parts = [rank_stats(0, 3), rank_stats(1, 2)]              # rank 1 lost a sample to bad input
     sent = []                                                   # what each rank puts into the collective
@@ -215,7 +216,7 @@ def test_step_stats_travel_by_name_through_one_gather_with_exact_48_bit_ids():
     assert g.valid.tolist() == [True, True, True, True, True, False]
     assert torch.isnan(g.magnitude[[0, 3]]).all() and g.magnitude[5] == 0.0     # padding: NaN-free
     real = g.select(g.valid)
-    for name in ("timestep", "eligible", "duplicate", "loss", "groups"):
+    for name in ("timestep", "eligible", "duplicate", "loss", "groups", "base_loss", "base_magnitude"):
         want = torch.cat([getattr(p, name) for p in parts])
         assert torch.equal(getattr(real, name), want.to(getattr(real, name).dtype)), name
     assert real.groups.max() == 2 ** 48 - 1 and real.groups.dtype == torch.long
@@ -271,3 +272,62 @@ def test_anchored_rows_train_toward_the_reference_and_protected_rows_never_do(sc
     anchor_loss = F.mse_loss(pred, ref, reduction="none").mean(dim=(1, 2, 3))[dropped].sum()
     torch.testing.assert_close(out.loss_sum.detach(), kept_loss + 0.5 * anchor_loss)
     torch.testing.assert_close(plain.loss_sum.detach(), kept_loss)
+
+
+def test_base_null_measures_the_base_at_the_training_inputs_and_its_prediction_is_the_anchor(scheduler):
+    """filter.null=base: the step hands the policy the base model's loss and magnitude at each judged sample's own
+    x_t and t. At the start of fine-tuning (base == model) they equal the model's own, exactly; for a base that
+    differs they are its loss and magnitude written out; the anchored loss reuses the base's prediction."""
+    import copy as _copy
+
+    import torch.nn.functional as F
+
+    from memfilter.filtering.policies import ItemEvidence
+    from memfilter.filtering.signal import text_noise_magnitude
+    from memfilter.train.noise import NoiseArgs, training_inputs
+    from memfilter.train.step import filtered_diffusion_step
+
+    C, H, W, L, D = 4, 8, 8, 5, 32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        net = UNet2DConditionModel(
+            sample_size=H, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(32, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=D, attention_head_dim=8, norm_num_groups=32)
+    g = torch.Generator().manual_seed(7)
+    latents, embeds, uncond = torch.randn(8, C, H, W, generator=g), torch.randn(8, L, D, generator=g), torch.zeros(1, L, D)
+    eligible = torch.tensor([True] * 6 + [False] * 2)
+
+    def run(base_net, policy):
+        calls = []
+
+        def reference(x_t, t, cond):
+            calls.append(x_t.shape[0])
+            return base_net(x_t, t, **cond).sample
+        out = filtered_diffusion_step(net, scheduler, latents, embeds, uncond, policy, torch.Generator().manual_seed(11),
+                                      eligible=eligible, reference=reference, groups=torch.arange(1, 9))
+        return out, calls
+
+    same, calls = run(_copy.deepcopy(net), ItemEvidence(num_buckets=1, warmup=1))
+    assert calls == [6, 6]                                # prompt and empty prompt, judged rows only; no anchor call
+    judged = same.stats.eligible
+    torch.testing.assert_close(same.stats.base_loss[judged], same.stats.loss[judged])
+    torch.testing.assert_close(same.stats.base_magnitude[judged], same.stats.magnitude[judged])
+    assert torch.isnan(same.stats.base_loss[~judged]).all()
+
+    other = _copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    drawn = training_inputs(net, scheduler, latents, torch.Generator().manual_seed(11), NoiseArgs(),
+                            {"encoder_hidden_states": embeds}, None)
+    with torch.no_grad():
+        base_pred = other(drawn.noisy, drawn.timesteps, encoder_hidden_states=embeds).sample
+        base_m = text_noise_magnitude(other, drawn.noisy, drawn.timesteps, uncond, cond_pred=base_pred)
+    out, _ = run(other, ItemEvidence(num_buckets=1, warmup=1))
+    base_loss = F.mse_loss(base_pred, drawn.target, reduction="none").mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out.stats.base_loss[:6], base_loss[:6])
+    torch.testing.assert_close(out.stats.base_magnitude[:6], base_m[:6])
+    with pytest.raises(ValueError, match="null=base"):
+        filtered_diffusion_step(net, scheduler, latents, embeds, uncond, ItemEvidence(), torch.Generator(),
+                                groups=torch.arange(1, 9))

@@ -309,8 +309,10 @@ class _Run:
         unet = c.unet
         # dropped_samples=anchor: the model before fine-tuning, frozen (LoRA: the same UNet, adapters disabled)
         self.anchor = args.dropped_samples == "anchor" and self.policy.name != "none"   # none drops nothing
+        # the same frozen copy is the null of a policy that compares with the base (filter.null=base)
+        self.uses_reference = self.anchor or self.policy.uses_base
         self.reference_unet = (copy.deepcopy(unet).requires_grad_(False).eval().to(dev, dtype=self.weight_dtype)
-                               if self.anchor and not args.lora_rank else None)
+                               if self.uses_reference and not args.lora_rank else None)
         if args.lora_rank:
             with torch.random.fork_rng(devices=[]):      # the same adapters for every run with this seed
                 torch.manual_seed(args.seed)
@@ -480,7 +482,7 @@ class _Run:
                 snr_gamma=args.snr_gamma, noise=args, gather=self.accelerator.gather,
                 rank=self.rank, autocast=self.autocast, compute_magnitude=self.compute_m,
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups,
-                reference=self.reference if self.anchor else None,
+                reference=self.reference if self.uses_reference else None, anchor=self.anchor,
                 anchor_weight=args.anchor_weight)
             total = out.kept_global + out.anchored_global     # the samples in the loss: the gradient's divisor
             self._backward(out.loss_sum, total)

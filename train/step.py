@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memfilter.filtering.conditioning import as_conditioning, select
+from memfilter.filtering.conditioning import as_conditioning, expand, select
 from memfilter.filtering.policies import FilterPolicy
-from memfilter.filtering.signal import text_noise_magnitude
+from memfilter.filtering.signal import magnitude_from_predictions, text_noise_magnitude
 from memfilter.train.noise import NoiseArgs, training_inputs
 
 
@@ -32,6 +32,8 @@ class StepStats:
     loss: torch.Tensor             # [N] float32 per-sample training loss, detached
     valid: torch.Tensor            # [N] bool: a real sample, not a filler row
     groups: torch.Tensor           # [N, G] int64 item ids (< 2**48; 0 = none)
+    base_loss: torch.Tensor        # [N] float32 the base model's loss at the same x_t and t, NaN where not measured
+    base_magnitude: torch.Tensor   # [N] float32 the base model's magnitude there, NaN where not measured
     keep: torch.Tensor | None = None   # [N] bool: the decision, once made
 
     def gather(self, gather: Callable[[torch.Tensor], torch.Tensor], width: int) -> "StepStats":
@@ -39,15 +41,17 @@ class StepStats:
         fewer samples: bad ones were skipped) and marked invalid; a 48-bit id travels as two exact 24-bit halves."""
         g = self.groups.long()
         cols = torch.stack([self.magnitude.float(), self.timestep.float(), self.eligible.float(),
-                            self.duplicate.float(), self.loss.detach().float(), self.valid.float()], dim=1)
-        local = torch.cat([cols, (g >> 24).float(), (g & 0xFFFFFF).float()], dim=1)        # [B, 6 + 2G]
+                            self.duplicate.float(), self.loss.detach().float(), self.valid.float(),
+                            self.base_loss.float(), self.base_magnitude.float()], dim=1)
+        local = torch.cat([cols, (g >> 24).float(), (g & 0xFFFFFF).float()], dim=1)        # [B, 8 + 2G]
         local = torch.cat([local, local.new_zeros(width - local.shape[0], local.shape[1])])
         out = gather(local)
         n = g.shape[1]
         valid = out[:, 5].bool()
         return StepStats(magnitude=torch.where(valid, out[:, 0], 0.0),    # NaN-free padding
                          timestep=out[:, 1].long(), eligible=out[:, 2].bool(), duplicate=out[:, 3].bool(),
-                         loss=out[:, 4], valid=valid, groups=(out[:, 6:6 + n].long() << 24) | out[:, 6 + n:].long())
+                         loss=out[:, 4], valid=valid, base_loss=out[:, 6], base_magnitude=out[:, 7],
+                         groups=(out[:, 8:8 + n].long() << 24) | out[:, 8 + n:].long())
 
     def select(self, mask: torch.Tensor) -> "StepStats":
         """The rows where `mask` holds."""
@@ -106,6 +110,7 @@ def filtered_diffusion_step(
     pad_to: int | None = None,
     groups: torch.Tensor | None = None,
     reference: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None,
+    anchor: bool = True,
     anchor_weight: float = 1.0,
 ) -> StepOutput:
     """Loss of one micro-batch with the magnitude filter applied.
@@ -136,9 +141,12 @@ def filtered_diffusion_step(
         pad_to: the full per-rank batch size; smaller batches are padded in the gather. Default B.
         groups: [B] or [B, G] int64 item ids (filtering.policies.item_groups: caption and image hashes,
             < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
-        reference: `reference(x_t, t, cond)`, the base model's prediction (no grad); a sample the policy drops is
-            then *anchored*: its loss is anchor_weight x ||pred - reference||^2 (keeping what its caption names,
-            never its image). Default None: a dropped sample leaves the loss.
+        reference: `reference(x_t, t, cond)`, the base model's prediction (no grad). A policy whose null is the
+            base model (`policy.uses_base`) gets the base's loss and magnitude at each judged sample's x_t and t
+            from it (two no-grad forwards: prompt and empty prompt). Default None.
+        anchor: with `reference`, a sample the policy drops is *anchored*: its loss is anchor_weight x
+            ||pred - reference||^2 (keeping what its caption names, never its image; the base's prediction is
+            reused when the policy measured it). False: a dropped sample leaves the loss. Default True.
     """
     b, dev = latents.shape[0], latents.device
     drawn = training_inputs(magnitude_unet or unet, noise_scheduler, latents, generator, noise or NoiseArgs(),
@@ -150,18 +158,19 @@ def filtered_diffusion_step(
     per_sample = _weighted_mse(pred, drawn.target, timesteps, noise_scheduler, snr_gamma)   # [B]
     eligible, is_duplicate, valid = (torch.full((b,), fill, dtype=torch.bool, device=dev) if x is None else x.to(dev)
                                      for x, fill in ((eligible, True), (is_duplicate, False), (valid, True)))
+    base = _base_signals(policy, reference, drawn, cond, uncond, valid & eligible, noise_scheduler, snr_gamma)
     local = StepStats(magnitude=m, timestep=timesteps, eligible=eligible, duplicate=is_duplicate, loss=per_sample,
                       valid=valid, groups=torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None
-                      else groups.to(dev).long().reshape(b, -1))
+                      else groups.to(dev).long().reshape(b, -1), base_loss=base.loss, base_magnitude=base.magnitude)
     g, keep = _global_decision(local, policy, gather, rank, max(b, pad_to or b))
     # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the forward sum
     loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
     anchored_global = 0
-    if reference is not None:
+    if reference is not None and anchor:
         # the same global count on every rank: a dropped row is a valid, judged row the decision did not keep
         anchored_global = int((g.valid & g.eligible & ~g.keep).sum())
         loss_sum = loss_sum + anchor_weight * _anchor_loss(pred, drawn, cond, reference, valid & eligible & ~keep,
-                                                           noise_scheduler, snr_gamma)
+                                                           noise_scheduler, snr_gamma, base.pred)
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()),
                       anchored_global=anchored_global)
@@ -179,20 +188,61 @@ def _global_decision(local: StepStats, policy: FilterPolicy, gather, rank: int, 
     policy's decision on them, and this rank's slice of it. Returns (global stats with keep, this rank's keep [B])."""
     b = local.magnitude.shape[0]
     g = local.gather(gather, width)
-    g.keep = policy.decide(g.magnitude, g.timestep, g.eligible & g.valid, groups=g.groups, losses=g.loss) & g.valid
+    g.keep = policy.decide(g.magnitude, g.timestep, g.eligible & g.valid, groups=g.groups, losses=g.loss,
+                           base_losses=g.base_loss, base_magnitudes=g.base_magnitude) & g.valid
     return g, g.keep[rank * width:rank * width + b].to(local.magnitude.device)
 
 
 def _anchor_loss(pred, drawn, cond, reference, rows: torch.Tensor, noise_scheduler,
-                 snr_gamma: float | None) -> torch.Tensor:
+                 snr_gamma: float | None, known: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over `rows` [B] of ||pred - reference(x_t, t, cond)||^2 (mean over elements): zero with a graph when
-    no row is anchored, so every rank's backward covers the same parameters."""
+    no row is anchored, so every rank's backward covers the same parameters. `known` [B, C, h, w]: the base's
+    predictions already made for every judged row (BaseSignals.pred), reused instead of a new forward."""
     idx, noisy, timesteps = rows.nonzero().squeeze(1), drawn.noisy, drawn.timesteps
     if idx.numel() == 0:
         return pred.sum() * 0.0
-    with torch.no_grad():
-        ref = reference(noisy[idx], timesteps[idx], select(as_conditioning(cond), idx))
+    if known is not None:
+        ref = known[idx]
+    else:
+        with torch.no_grad():
+            ref = reference(noisy[idx], timesteps[idx], select(as_conditioning(cond), idx))
     return _weighted_mse(pred[idx], ref, timesteps[idx], noise_scheduler, snr_gamma).sum()
+
+
+@dataclass
+class BaseSignals:
+    """The frozen base model at each judged sample's x_t and t (NaN / None where not measured)."""
+
+    loss: torch.Tensor                 # [B] its training loss
+    magnitude: torch.Tensor            # [B] its text-conditional magnitude
+    pred: torch.Tensor | None = None   # [B, C, h, w] its prediction with the prompt (zero on rows not measured)
+
+
+def _base_signals(policy, reference, drawn, cond, uncond, rows: torch.Tensor, noise_scheduler,
+                  snr_gamma: float | None) -> BaseSignals:
+    """The base model's loss and magnitude on `rows` [B] for a policy that takes them (policy.uses_base): two
+    no-grad forwards, with the prompts and with the empty prompt, at the same x_t and t as the training loss."""
+    nan = torch.full((rows.shape[0],), float("nan"), device=rows.device)
+    if not policy.uses_base:
+        return BaseSignals(nan, nan.clone())
+    if reference is None:
+        raise ValueError(f"the {policy.name} policy with filter.null=base needs the base model's prediction "
+                         "(`reference`); use filter.null=population for none")
+    idx = rows.nonzero().squeeze(1)
+    out = BaseSignals(nan, nan.clone(), torch.zeros_like(drawn.noisy))
+    if idx.numel() == 0:
+        return out
+    noisy, t = drawn.noisy[idx], drawn.timesteps[idx]
+    with torch.no_grad():
+        with_prompt = reference(noisy, t, select(as_conditioning(cond), idx))
+        empty = reference(noisy, t, select(expand(as_conditioning(uncond), rows.shape[0]), idx))
+    out.pred = out.pred.to(with_prompt.dtype)
+    out.pred[idx] = with_prompt
+    out.loss[idx] = _weighted_mse(with_prompt, drawn.target[idx], t, noise_scheduler, snr_gamma)
+    out.magnitude[idx] = magnitude_from_predictions(with_prompt, empty,
+                                                    prediction_type=noise_scheduler.config.prediction_type,
+                                                    alphas_cumprod=noise_scheduler.alphas_cumprod, timesteps=t)
+    return out
 
 
 def _weighted_mse(pred, target, timesteps, noise_scheduler, snr_gamma: float | None) -> torch.Tensor:
