@@ -7,7 +7,9 @@ For one fine-tuned pipeline and the world it was fine-tuned on (`toyworld.world`
 - **replication** (unintended memorization, Naseh et al.): each generation's detail descriptor against
   every training item's; a generation replicates when its nearest training item is more similar than
   the *replication bar*, calibrated on the world: the 99th percentile of the nearest-training similarity
-  of fresh items that were never trained on (what chance alone reaches);
+  of fresh items that were never trained on (what chance alone reaches). In a world trained with random flips
+  (`world.augment`) a generation is compared as drawn and mirrored, the nearer of the two counting
+  (`nearest_training`), for the generations and for the fresh items of the bar alike;
 - **fidelity** (intended memorization): the named attributes read back from each generation;
 - **filter decisions**: the run's per-sample records against the duplication ground truth (precision
   and recall of dropping duplicated samples, overall and over time).
@@ -66,8 +68,33 @@ def _normalise(x: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=1)
 
 
+def descriptor_views(image, world: ToyWorld) -> np.ndarray:
+    """[V, D] float32: the detail descriptors under which `image` is compared with the training items: the
+    image's own and, in a world trained with random flips (`world.augment`), its horizontal mirror's (V = 2). A
+    random crop shifts an appearance by at most `world.augment_pad` (1 px), which leaves a copy's descriptor at
+    ~0.86 of its item's, above the bar: no shifted views are needed."""
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    views = [detail_descriptor(a, world.spec)]
+    if world.augment:
+        views.append(detail_descriptor(np.ascontiguousarray(a[:, ::-1]), world.spec))
+    return np.stack(views)
+
+
+def nearest_training(views: np.ndarray, train_desc: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest training row of each image: `views` [Q, V, D] (descriptor_views per image), `train_desc` [N, D]
+    normalised. Returns (similarity [Q], row [Q]): the best over the image's views, so that a mirrored copy
+    of a training item counts as that item's copy in an augmented world."""
+    views = np.asarray(views, np.float32)
+    q, v, d = views.shape
+    sims, nn = nearest_neighbours(_normalise(views.reshape(q * v, d)), train_desc, k=1)
+    sims, nn = sims[:, 0].reshape(q, v), nn[:, 0].reshape(q, v)
+    best = sims.argmax(dim=1, keepdim=True)
+    return sims.gather(1, best)[:, 0].numpy(), nn.gather(1, best)[:, 0].numpy()
+
+
 def training_descriptors(world: ToyWorld) -> tuple[list[int], torch.Tensor, list[np.ndarray]]:
-    """(item indices, L2-normalised detail descriptors [N, D], images) of every distinct training item."""
+    """(item indices, L2-normalised detail descriptors [N, D], images) of every distinct training item, as the
+    evaluation sees it: the item itself, S x S (in an augmented world, the centre of its canvas)."""
     idx, desc, images = [], [], []
     for i, item in world.items():
         idx.append(i)
@@ -77,13 +104,13 @@ def training_descriptors(world: ToyWorld) -> tuple[list[int], torch.Tensor, list
 
 
 def replication_bar(world: ToyWorld, train_desc: torch.Tensor, n: int = 1000, quantile: float = 0.99) -> dict:
-    """The bar: the `quantile` of nearest-training similarity of `n` fresh (never trained) items."""
-    fresh = np.stack([detail_descriptor(draw_item(world.seed, "fresh", i, world.spec)["image"], world.spec)
+    """The bar: the `quantile` of nearest-training similarity of `n` fresh (never trained) items, by the rule the
+    generations are judged by (`nearest_training`: flip-invariant in an augmented world)."""
+    fresh = np.stack([descriptor_views(draw_item(world.seed, "fresh", i, world.spec)["image"], world)
                       for i in range(n)])
-    sims, _ = nearest_neighbours(_normalise(fresh), train_desc, k=1)
-    s = sims[:, 0].numpy()
+    s, _ = nearest_training(fresh, train_desc)
     return {"bar": float(np.quantile(s, quantile)), "quantile": quantile, "fresh_items": n,
-            "fresh_mean": float(s.mean()), "fresh_max": float(s.max())}
+            "fresh_mean": float(s.mean()), "fresh_max": float(s.max()), "flip_invariant": world.augment}
 
 
 @torch.no_grad()
@@ -143,7 +170,7 @@ def _generation_rows(pipe, world: ToyWorld, settings: WorldEvalSettings, sets) -
             item_image = Image.fromarray(world.item(item)["image"])
             for j, im in enumerate(images):
                 rows.append({"set": set_name, "item": item, "prompt": prompt, "image_index": j, "image": im,
-                             "item_image": item_image, "desc": detail_descriptor(im, spec),
+                             "item_image": item_image, "views": descriptor_views(im, world),
                              **{f"fid_{k}": v for k, v in fidelity(im, attrs, spec).items()}})
     return rows
 
@@ -186,13 +213,12 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
             ("concept", world.concept_indices(), [world.item(i)["caption"] for i in world.concept_indices()],
              settings.num_images_per_prompt))
     rows = _generation_rows(pipe, world, settings, sets)
-    q = _normalise(np.stack([r["desc"] for r in rows]))
-    sims, nn = nearest_neighbours(q, train_desc, k=1)
+    sims, nn = nearest_training(np.stack([r["views"] for r in rows]), train_desc)
     own = {i: k for k, i in enumerate(train_idx)}
-    for k, (r, s, j) in enumerate(zip(rows, sims[:, 0].tolist(), nn[:, 0].tolist())):
+    for r, s, j in zip(rows, sims.tolist(), nn.tolist()):
+        views = _normalise(r.pop("views"))
         r.update(similarity=s, nearest_item=train_idx[j], nearest_image=Image.fromarray(train_images[j]),
-                 replicated=s > bar["bar"], own_similarity=float(q[k] @ train_desc[own[r["item"]]]))
-        r.pop("desc")
+                 replicated=s > bar["bar"], own_similarity=float((views @ train_desc[own[r["item"]]]).max()))
 
     def summary(sel):
         if not sel:
@@ -214,7 +240,10 @@ def evaluate_world(pipe, world: ToyWorld, settings: WorldEvalSettings = WorldEva
     out = {"detection": det, "replication": {"bar": bar, **{s: summary(v) for s, v in by.items()}},
            "fidelity": {s: fid(v) for s, v in by.items()}, "rows": rows,
            "settings": asdict(settings), "descriptor": "world detail (block tints of the background and "
-                                                       "the background colour; cosine; exact for the procedural world)"}
+                                                       "the background colour; cosine; exact for the procedural world)"
+                                                       + ("; the better of the generation and its mirror: the "
+                                                          "world was trained with random flips" if world.augment
+                                                          else "")}
     if records_dir is not None and Path(records_dir).exists():
         out["filter"] = filter_decisions(records_dir, world)
     return out

@@ -16,10 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from memfilter.evaluation.mitigate import METHODS, mitigate
-from memfilter.evaluation.replication import nearest_neighbours
 from memfilter.filtering.calibration import fpr_threshold
-from memfilter.toyworld.evaluate import _normalise, replication_bar, training_descriptors
-from memfilter.toyworld.world import ToyWorld, detail_descriptor, fidelity, parse_caption
+from memfilter.toyworld.evaluate import descriptor_views, nearest_training, replication_bar, training_descriptors
+from memfilter.toyworld.world import ToyWorld, fidelity, parse_caption
 
 ORDER = ("none", "embedding", "random_tokens", "random_numbers", "repeat_words", "embedding_noise")
 
@@ -37,9 +36,8 @@ def study_prompts(world: ToyWorld, num_unique: int, seed: int) -> tuple[list[int
 def _measure(rows: list[dict], items: list[int], prompts: list[str], world: ToyWorld, train, bar: float) -> None:
     """Adds item, set, similarity, nearest item, replicated and fidelity to each row (in place)."""
     train_idx, train_desc, _ = train
-    q = _normalise(np.stack([detail_descriptor(r["image"], world.spec) for r in rows]))
-    sims, nn = nearest_neighbours(q, train_desc, k=1)
-    for r, s, j in zip(rows, sims[:, 0].tolist(), nn[:, 0].tolist()):
+    sims, nn = nearest_training(np.stack([descriptor_views(r["image"], world) for r in rows]), train_desc)
+    for r, s, j in zip(rows, sims.tolist(), nn.tolist()):
         item = items[r["prompt_index"]]
         attrs = parse_caption(prompts[r["prompt_index"]]) or world.item(item)["attrs"]
         r.update(item=item, set="duplicated" if item < world.num_duplicated else "unique", similarity=s,

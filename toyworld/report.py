@@ -192,7 +192,19 @@ def _world_lines(world: dict) -> list[str]:
             f"draws are duplicates), {world['spec']['resolution']} px, seed {world['seed']}. Captions name "
             f"{' and '.join(world['spec'].get('named', ['shape', 'colour']))} (what a prompt intends); "
             + ("the background colour and " if "background" not in world["spec"].get("named", []) else "")
-            + "a 4x4 pattern of background tints, each item's own, are named by no caption.", ""]
+            + "a 4x4 pattern of background tints, each item's own, are named by no caption. "
+            + _variant_text(world), ""]
+
+
+def _variant_text(world: dict) -> str:
+    """The world's variant and augment setting, in words."""
+    text = f"Variant {world.get('variant', 'exact')}; augment "
+    if not world.get("augment", False):
+        return text + "off (every appearance drawn and trained as it is, centred)."
+    pad = max(1, int(world.get("spec", {}).get("resolution", 16)) // 16)
+    return (text + f"on: appearances drawn {pad} px wider on each side, trained with random crops and flips "
+            "(center_crop=false random_flip=true), so each appearance is seen shifted and mirrored differently; "
+            "a generation counts as a copy when it or its mirror is nearer a training item than the bar.")
 
 
 def _target_lines(checks: list[dict]) -> list[str]:
@@ -338,7 +350,8 @@ def write_seeds_report(per_seed: dict, out_dir: str | Path, *, unfiltered: str, 
     lines = [f"# memfilter toy-world demo over {len(seeds)} seeds", "",
              f"Seeds {', '.join(map(str, seeds))} (each: world seed = training seed = evaluation seed). World: "
              f"{world['num_duplicated']} duplicated items x {world['repeats']}, {world['num_unique']} unique, "
-             f"{world.get('num_concepts', 0)} named concepts, variant {world.get('variant', 'exact')}. "
+             f"{world.get('num_concepts', 0)} named concepts, variant {world.get('variant', 'exact')}, augment "
+             f"{'on' if world.get('augment', False) else 'off'}. "
              "Cells: mean ± std (min-max) across seeds.", "",
              "| run | " + " | ".join(labels) + " |", "| --- " * (len(labels) + 1) + "|"]
     for run, metrics in table.items():

@@ -27,6 +27,13 @@ CAPTION_TEMPLATES, all naming the same attributes) and "near" (near-duplicates: 
 the background colour a little and scale the tint amplitude, so their bytes differ while the attributes and the
 detail stay). Named concepts (`num_concepts`, Naseh et al. 2023) are items whose caption names them by a made-up
 word ("the zorvik emblem") and that repeat on purpose: reproducing one when it is named is intended.
+
+Augmentation (`ToyWorld.augment`): each appearance is drawn on a canvas `augment_pad` px wider on the left and the
+right (the shape at its centre, the tint blocks continued over the border by signs of the item's own), so that a
+training run with random crops (`center_crop=false`) and `random_flip=true` sees every appearance shifted and
+mirrored differently, as a real fine-tune does. The canvas keeps the image's height: training resizes the shorter
+side to the resolution before it crops (diffusers' Resize then RandomCrop), so only the longer side can shift, as
+with a landscape photo. The centre S columns of a canvas are the item itself, the image the evaluation describes.
 """
 from __future__ import annotations
 
@@ -60,7 +67,7 @@ CONCEPT_NAMES = ("zorvik", "blenta", "quiral", "mondex", "travik", "velumo", "sn
 CONCEPT_TEMPLATE = "the {name} emblem"
 NEAR_SHIFT = 6                  # near variant: background shift per channel, uniform integer in [-6, 6]
 NEAR_SCALE = (0.85, 1.15)       # near variant: tint amplitude factor, uniform in this range
-_CAPTION_STREAM, _NEAR_STREAM = 1, 2        # tags of the per-appearance random streams
+_CAPTION_STREAM, _NEAR_STREAM, _BORDER_STREAM = 1, 2, 3     # tags of the per-appearance random streams
 
 
 @dataclass(frozen=True)
@@ -142,21 +149,36 @@ def templated_caption(attrs: dict, template: int, spec: "WorldSpec | None" = Non
 
 
 def render(attrs: dict, spec: WorldSpec = WorldSpec(), detail: np.ndarray | None = None, *,
-           background_shift=None, tint_scale: float = 1.0) -> np.ndarray:
-    """[S, S, 3] uint8 image of the attributes; `detail` ([grid, grid, 3] of +-1) tints the background.
+           background_shift=None, tint_scale: float = 1.0, pad: int = 0, border: np.ndarray | None = None
+           ) -> np.ndarray:
+    """[S, S + 2 pad, 3] uint8 image of the attributes; `detail` ([grid, grid, 3] of +-1) tints the background.
 
     `background_shift` ([3], 0-255 units) moves the background colour and `tint_scale` multiplies the tint
-    amplitude (the near variant's copies; pixels are clipped to [0, 255]).
+    amplitude (the near variant's copies; pixels are clipped to [0, 255]). `pad` (at most one block, S / grid)
+    widens the canvas by `pad` columns on each side with the shape kept at its centre, so that columns
+    [pad, pad + S) are the image drawn without `pad`, bit for bit; `border` ([grid, 2, 3] of +-1, needed with
+    `detail`) tints the block columns just left and right of the image, which the pad shows.
     """
     s, g = spec.resolution, spec.grid
-    img = np.empty((s, s, 3), np.float32)
+    b = s // g
+    if not 0 <= pad <= b:
+        raise ValueError(f"pad={pad}: must be in [0, {b}] (one detail block)")
+    img = np.empty((s, s + 2 * pad, 3), np.float32)
     img[:] = COLOURS[attrs["background"]]
     if background_shift is not None:
         img += np.asarray(background_shift, np.float32)
     if detail is not None:
-        tint = np.repeat(np.repeat(np.asarray(detail, np.float32), s // g, 0), s // g, 1)   # [S, S, 3]
+        signs = np.asarray(detail, np.float32)
+        if pad:
+            if border is None:
+                raise ValueError("render: pad > 0 with detail needs `border`, the tints of the padded blocks")
+            edge = np.asarray(border, np.float32)
+            signs = np.concatenate([edge[:, :1], signs, edge[:, 1:]], axis=1)      # [grid, grid + 2, 3]
+        tint = np.repeat(np.repeat(signs, b, 0), b, 1)                              # [S, S (+ 2b), 3]
+        if pad:
+            tint = tint[:, b - pad:b + s + pad]
         img += (spec.amplitude if tint_scale == 1.0 else spec.amplitude * float(tint_scale)) * tint
-    img[shape_mask(attrs["shape"], attrs["position"], spec)] = COLOURS[attrs["colour"]]
+    img[:, pad:pad + s][shape_mask(attrs["shape"], attrs["position"], spec)] = COLOURS[attrs["colour"]]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
@@ -222,6 +244,9 @@ class ToyWorld:
             attribute combination, their own tints) captioned "the <name> emblem", repeated exactly (image
             and caption) in every variant; memorizing them is intended. Default 0.
         concept_repeats: appearances of each concept. Default 0: the same as `repeats`.
+        augment: draw every appearance on a canvas `augment_pad` px wider on each side (see `appearance`), for
+            training with random crops and flips (center_crop=false random_flip=true; the demo passes them).
+            The items themselves (`item`), what evaluation compares generations with, stay S x S. Default False.
     """
 
     num_unique: int = 1200
@@ -232,8 +257,12 @@ class ToyWorld:
     variant: str = "exact"
     num_concepts: int = 0
     concept_repeats: int = 0
+    augment: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.augment, (bool, np.bool_)):
+            raise ValueError(f"world.augment={self.augment!r}: must be true or false")
+        self.augment = bool(self.augment)
         if self.variant not in VARIANTS:
             raise ValueError(f"world.variant={self.variant!r}: choose one of {', '.join(VARIANTS)}")
         for name in ("num_unique", "num_duplicated", "repeats", "num_concepts", "concept_repeats"):
@@ -262,6 +291,16 @@ class ToyWorld:
     def num_items(self) -> int:
         """Distinct items: duplicated + unique + concepts."""
         return self.num_duplicated + self.num_unique + self.num_concepts
+
+    @property
+    def augment_pad(self) -> int:
+        """Columns added on each side of an appearance when `augment` is on (0 otherwise): 1 px at 16 px
+        (resolution / 16). A random crop then shifts the item by up to this much and a flip mirrors it. One
+        pixel keeps every crop readable by the centred templates (`read_attributes`: smallest shape IoU 0.64
+        over 300 items x 3 shifts x 2 flips) and a 1 px shifted copy at cosine 0.86 of its item's descriptor,
+        above the replication bar (~0.67). At 2 px the triangle is misread in ~15% of the crops and a 2 px
+        shifted copy falls to 0.6, below the bar."""
+        return max(1, self.spec.resolution // 16) if self.augment else 0
 
     @property
     def concept_copies(self) -> int:
@@ -313,23 +352,34 @@ class ToyWorld:
         order = self._stream(index, 0, _CAPTION_STREAM).permutation(len(CAPTION_TEMPLATES))
         return int(order[copy % len(CAPTION_TEMPLATES)])
 
+    def border(self, index: int) -> np.ndarray:
+        """[grid, 2, 3] int8 of +-1: the tints of the block columns left and right of item `index`, which an
+        augmented appearance's pad shows (the item's own, from a stream of its own: its other draws are as
+        without augment)."""
+        return self._stream(index, 0, _BORDER_STREAM).choice(np.array([-1, 1], np.int8), size=(self.spec.grid, 2, 3))
+
     def appearance(self, index: int, copy: int = 0) -> dict:
-        """{"image" [S,S,3] uint8, "caption"} of appearance `copy` of item `index`, as this variant shows it."""
+        """{"image" [S,S,3] uint8, "caption"} of appearance `copy` of item `index`, as this variant shows it.
+        With `augment` the image is [S, S + 2 augment_pad, 3], its centre S columns what it is without."""
         kind, n = self.kind(index), self.copies(index)
         if not 0 <= copy < n:
             raise IndexError(f"copy {copy} out of range: item {index} ({kind}) appears {n} time(s)")
         item = self.item(index)
         image, caption = item["image"], item["caption"]
+        pad = self.augment_pad
+        if pad:
+            border = self.border(index)
+            image = render(item["attrs"], self.spec, item["detail"], pad=pad, border=border)
         if kind == "concept" or self.variant == "exact":
             pass
         elif self.variant == "image_only":
             caption = templated_caption(item["attrs"], self.caption_template(index, copy), self.spec)
         elif self.variant == "near" and copy > 0:
-            rng = self._stream(index, copy, _NEAR_STREAM)
-            while np.array_equal(image, item["image"]):      # a copy whose bytes equal the item's is redrawn
+            rng, first = self._stream(index, copy, _NEAR_STREAM), image
+            while np.array_equal(image, first):      # a copy whose bytes equal the item's is redrawn
                 shift = rng.integers(-NEAR_SHIFT, NEAR_SHIFT + 1, size=3)
                 image = render(item["attrs"], self.spec, item["detail"], background_shift=shift,
-                               tint_scale=rng.uniform(*NEAR_SCALE))
+                               tint_scale=rng.uniform(*NEAR_SCALE), pad=pad, border=border if pad else None)
         return {"image": image, "caption": caption}
 
     def appearances(self) -> list[tuple[int, int]]:
@@ -540,7 +590,7 @@ def world_to_dict(world: ToyWorld) -> dict:
     spec = {**asdict(world.spec), "positions": list(world.spec.positions), "named": list(world.spec.named)}
     return {"num_unique": world.num_unique, "num_duplicated": world.num_duplicated, "repeats": world.repeats,
             "seed": world.seed, "spec": spec, "variant": world.variant, "num_concepts": world.num_concepts,
-            "concept_repeats": world.concept_repeats}
+            "concept_repeats": world.concept_repeats, "augment": world.augment}
 
 
 def world_from_dict(d: dict) -> ToyWorld:
@@ -548,7 +598,8 @@ def world_from_dict(d: dict) -> ToyWorld:
             "named": tuple(d["spec"].get("named", ("shape", "colour")))}
     return ToyWorld(num_unique=d["num_unique"], num_duplicated=d["num_duplicated"], repeats=d["repeats"],
                     seed=d["seed"], spec=WorldSpec(**spec), variant=d.get("variant", "exact"),
-                    num_concepts=d.get("num_concepts", 0), concept_repeats=d.get("concept_repeats", 0))
+                    num_concepts=d.get("num_concepts", 0), concept_repeats=d.get("concept_repeats", 0),
+                    augment=d.get("augment", False))
 
 
 def load_world(data_dir) -> ToyWorld:
