@@ -9,6 +9,8 @@ Hydra, since they hold `=`).
 
 The world's settings are `world.*`, composed from the world group (conf/world/default.yaml: the same world
 as `data=world` and `launch/prepare.py input.kind=world`); captions name shape and colour, e.g. "a red circle".
+With world.augment=true every run is also given center_crop=false random_flip=true (AUGMENT_OVERRIDES), before
+`train` and its own overrides: the wider appearances are then seen shifted and mirrored, as in a real fine-tune.
 
 1. builds the world's fine-tuning set (duplicated and unique items) as webdataset shards with the prep code;
 2. fine-tunes the shipped base model (builtin:world-base) on it, once per entry of `runs` (by default
@@ -41,6 +43,7 @@ _RULES = [
     ("world.num_duplicated", lambda v: is_int(v) and v >= 1, "an integer >= 1 (the demo needs duplicated items)"),
     ("world.repeats", lambda v: is_int(v) and v >= 2, "an integer >= 2"),
     ("world.shard_size", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    ("world.augment", lambda v: isinstance(v, bool), "true or false"),
     ("evaluation.num_images_per_prompt", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("evaluation.num_inference_steps", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     ("evaluation.bar_quantile", lambda v: isinstance(v, float) and 0 < v < 1, "a number in (0, 1), e.g. 0.99"),
@@ -56,6 +59,20 @@ def _overrides(value) -> list[str]:
     if isinstance(value, str):
         return shlex.split(value)
     return [str(v) for v in value]
+
+
+# What a run on an augmented world (world.augment=true) is told, as diffusers' flags say it: random crops of the
+# wider appearances and random horizontal flips. Before the demo's `train` and the run's own overrides, which win.
+AUGMENT_OVERRIDES = ("center_crop=false", "random_flip=true")
+
+
+def run_overrides(cfg: DictConfig, name: str, shards: str, run_dir: Path, seed: int) -> list[str]:
+    """The launch/train.py overrides of run `name` of the demo: the augmentation an augmented world needs,
+    the demo's `train`, the world's shards, the run's directory and seed, then the run's own overrides
+    (`runs.<name>`; a deduplication baseline's are filter=none)."""
+    own = _overrides(cfg.runs[name]) if name in cfg.runs else ["filter=none"]
+    return [*(AUGMENT_OVERRIDES if cfg.world.augment else ()), *_overrides(cfg.train), "data=webdataset",
+            f"data.shards='{shards}'", f"output_dir='{run_dir}'", f"seed={seed}", *own]
 
 
 def _train_config(overrides: list[str]) -> DictConfig:
@@ -135,14 +152,12 @@ def _run_seed(cfg: DictConfig, seed: int, world_seed: int, out: Path) -> dict:
             prepare_world(world, data_dir, shard_size=cfg.world.shard_size, seed=seed, overwrite=True,
                           dedup=name[len("dedup-"):] if name else "none")
     timings["world"] = time.time() - t0
-    train_common = _overrides(cfg.train)
     runs_cfg = {**{n: _overrides(cfg.runs[n]) for n in cfg.runs},
                 **{n: ["filter=none"] for n in data if n}}
     configs = {}                      # every run's config is composed and checked before the first one starts
-    for name, run_overrides in runs_cfg.items():
+    for name in runs_cfg:
         urls = shard_urls(data[name] if name in data and name else data[""])
-        overrides = [*train_common, "data=webdataset", f"data.shards='{urls}'", f"output_dir='{out / name}'",
-                     f"seed={seed}", *run_overrides]
+        overrides = run_overrides(cfg, name, urls, out / name, seed)
         configs[name] = (overrides, _train_config(overrides))
         check_train_config(configs[name][1], _cuda())
     runs = {name: _fine_tune(cfg, console, out, name, k, configs, runs_cfg, timings)
