@@ -60,7 +60,11 @@ class FilterPolicy:
         t = None if timesteps is None else timesteps.detach().long().cpu()
         elig = torch.ones_like(m, dtype=torch.bool) if eligible is None else eligible.detach().bool().cpu()
         keep = torch.ones_like(m, dtype=torch.bool)
-        broken = elig & ~torch.isfinite(m)      # a NaN/inf magnitude is dropped and kept out of the statistics
+        # a NaN/inf in what the policy measures (m; the loss for one that reads no m) is dropped and kept out of the
+        # statistics
+        measured = (m if self.needs_magnitude else losses.detach().float().cpu() if self.uses_losses and
+                    losses is not None else torch.zeros_like(m))
+        broken = elig & ~torch.isfinite(measured)
         keep[broken] = False
         elig = elig & ~broken
         if elig.any():
@@ -612,39 +616,42 @@ class ItemEvidence(FilterPolicy):
             z[sel] = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)
         return z
 
-    def _advance(self, first_ids: torch.Tensor) -> None:
-        """The clock moves by the batch's samples, in half-lives of half_life_epochs x distinct items seen."""
-        self._distinct.add(first_ids)
-        self._samples += first_ids.numel()
-        per_half_life = self.half_life_epochs * max(self._distinct.estimate(), 1.0)
-        self._clock += math.log(2.0) * first_ids.numel() / per_half_life
-
-    def _rare(self, ids: list) -> torch.Tensor:
-        """[N] whether each sample's first item is rarely seen: before this batch, and not earlier in it."""
-        rare, seen = [], set()
+    def _expose(self, ids: list) -> torch.Tensor:
+        """Count every sample's appearance, in batch order, each at its own time: the clock moves by one sample
+        in half-lives of half_life_epochs x distinct items seen, so a batch of 2048 counts as 2048 batches of 1.
+        Returns [N] whether each sample's first item was rarely seen before it."""
+        rare = []
         for row in ids:
-            rare.append(row[0] not in seen and self._seen(row[0]) < self.rare_count)
-            seen.add(row[0])
+            distinct = self._distinct.add_one(row[0])
+            self._clock += math.log(2.0) / (self.half_life_epochs * max(distinct, 1.0))
+            before = self._row(row[0])[0] if row[0] else math.inf     # no id: no item to tell apart
+            rare.append(before < self.rare_count)
+            for gid in (x for x in row if x):
+                self._row(gid)[0] += 1.0
+        self._samples += len(ids)
         return torch.tensor(rare, dtype=torch.bool)
 
-    def _seen(self, gid: int) -> float:
-        """Decayed count of item `gid`'s appearances so far (0 for an item not tracked)."""
-        row = self._items.get(gid)
-        return 0.0 if row is None else row[0] * math.exp(row[1] - self._clock)
-
-    def _update(self, gid: int, z: list | None) -> bool:
-        """Add one appearance (with per-signal evidence z, or none) to item `gid`; returns whether it is
-        flagged."""
+    def _row(self, gid: int) -> list:
+        """Item `gid`'s row, decayed to now and most recently seen (a new one, evicting the least recently seen
+        item beyond `capacity`)."""
         row = self._items.get(gid)
         if row is None:
             row = self._items[gid] = [0.0, self._clock, 0.0, 0.0, 0.0] + [0.0] * len(self.evidence)
             if len(self._items) > self.capacity:
-                self._items.popitem(last=False)            # the least recently seen item
-        else:
-            self._items.move_to_end(gid)
+                self._items.popitem(last=False)
+            return row
+        self._items.move_to_end(gid)
         f = math.exp(row[1] - self._clock)
-        row[0], row[1], row[3], row[4] = row[0] * f + 1.0, self._clock, row[3] * f, row[4] * f
-        row[5:] = [s * f for s in row[5:]]
+        row[0], row[1], row[3], row[4] = row[0] * f, self._clock, row[3] * f, row[4] * f
+        row[5:] = [x * f for x in row[5:]]
+        return row
+
+    def _judge(self, gid: int, z: list | None) -> bool:
+        """Add one appearance's evidence z (or none) to item `gid` (counted by _expose); returns whether the
+        item is flagged."""
+        row = self._items.get(gid)
+        if row is None:                                  # evicted within this batch (capacity < its items)
+            return False
         if z is not None:
             row[4] += 1.0
             row[5:] = [s + zk for s, zk in zip(row[5:], z)]
@@ -657,19 +664,24 @@ class ItemEvidence(FilterPolicy):
                 row[3] = 0.0 if row[2] else row[3]         # from the flag on, `readmit` counts afresh
         return bool(row[2])
 
+    def _seen(self, gid: int) -> float:
+        """Decayed count of item `gid`'s appearances so far (0 for an item not tracked)."""
+        row = self._items.get(gid)
+        return 0.0 if row is None else row[0] * math.exp(row[1] - self._clock)
+
     def _evidence(self, m, t, rare, losses, base_losses, base_magnitudes) -> torch.Tensor:
-        """[N, S] z per sample and signal (NaN where it gives none); the reference and the population window
-        take this batch's rarely-seen samples."""
+        """[N, S] z per sample and signal (NaN where it gives none). The reference and the population window
+        take this batch's rarely-seen samples first, so a large batch is judged against its own population."""
         buckets = (t.long() * self.num_buckets // self.num_train_timesteps).clamp(0, self.num_buckets - 1)
         signals = self._signals(m, losses, base_losses, base_magnitudes)
+        for x, wins in zip(signals, self._wins):     # the reference: items the model has rarely seen lately
+            for b in buckets.unique().tolist():
+                wins[b].add(x[(buckets == b) & rare & torch.isfinite(x)])
         z = torch.stack([self._zscores(x, buckets, wins) for x, wins in zip(signals, self._wins)], 1)  # [N, S]
         for k, now in enumerate(self._now):
             now.add(z[rare & torch.isfinite(z[:, k]), k])
             if len(now):
                 z[:, k] -= now.values.mean()
-        for x, wins in zip(signals, self._wins):     # the reference: items the model has rarely seen lately
-            for b in buckets.unique().tolist():
-                wins[b].add(x[(buckets == b) & rare & torch.isfinite(x)])
         return z
 
     def _decide(self, m, t, g, losses=None, base_losses=None, base_magnitudes=None):
@@ -678,16 +690,14 @@ class ItemEvidence(FilterPolicy):
         if self.null == "base" and (base_losses is None or base_magnitudes is None):
             raise ValueError("filter.null=base needs the base model's loss and magnitude of every sample (the "
                              "training loop computes them); use filter.null=population without a base model")
-        g = g.reshape(m.numel(), -1)                                      # [N, G] item ids, 0 = none
-        ids = g.tolist()
-        rare = self._rare(ids)
-        self._advance(g[:, 0])
+        ids = g.reshape(m.numel(), -1).tolist()                          # [N, G] item ids, 0 = none
+        rare = self._expose(ids)
         z = self._evidence(m, t, rare, losses, base_losses, base_magnitudes)
         usable = (t >= self.min_timestep) & torch.isfinite(z).all(1)
         keep = torch.ones_like(m, dtype=torch.bool)
         for i, (zi, ok) in enumerate(zip(z.tolist(), usable.tolist())):   # in batch order: the same on every rank
             mine = [gid for gid in ids[i] if gid]
-            flagged = [gid for gid in mine if self._update(gid, zi if ok else None)]
+            flagged = [gid for gid in mine if self._judge(gid, zi if ok else None)]
             keep[i] = all(self._items[gid][3] < self.readmit for gid in flagged if gid in self._items)
             if keep[i]:
                 for gid in mine:
@@ -723,6 +733,86 @@ class ItemEvidence(FilterPolicy):
                                   for i, row in zip(state["item_ids"].tolist(), state["item_state"].tolist()))
         self._clock, self._samples = float(state["clock"]), int(state["samples"])
         self._distinct.load_state_dict(state["distinct"])
+
+
+@dataclass
+class CountAppearances(FilterPolicy):
+    """A baseline: drops every appearance of an item after its first `max_count` (deduplication in the stream, by
+    the same item ids as the item policy), whatever the model does with it. No magnitude is measured.
+
+    It removes repeated items, memorized or not, and on data seen for many epochs it removes everything after
+    epoch `max_count`: the comparison the item policy must beat. State: an LRU table of at most `capacity` items
+    (16 bytes each in a checkpoint).
+
+    Args:
+        max_count: appearances of an item that are trained on. Default 16.
+        capacity: items tracked at most (least recently seen evicted first). Default 100000.
+        group_by: the item ids ("image" and/or "caption"; see ItemEvidence). Default ("image",).
+    """
+
+    max_count: int = setting(16, "an integer >= 1, e.g. filter.max_count=16", int_at_least(1))
+    capacity: int = setting(100_000, "an integer >= 1", int_at_least(1))
+    group_by: tuple = setting(("image",), "a non-empty list of caption and/or image, e.g. filter.group_by=[image]",
+                              lambda v: len(v) >= 1 and set(v) <= {"caption", "image"})
+    name = "count"
+    uses_groups = True
+    needs_magnitude = False
+
+    def __post_init__(self):
+        check_settings(self, "filter.")
+        self.group_by = tuple(self.group_by)
+        self._counts: OrderedDict[int, int] = OrderedDict()
+
+    def _decide(self, m, t, g):
+        keep = torch.ones(m.numel(), dtype=torch.bool)
+        for i, row in enumerate(g.reshape(m.numel(), -1).tolist()):     # in batch order: the same on every rank
+            for gid in (x for x in row if x):
+                n = self._counts.pop(gid, 0) + 1
+                self._counts[gid] = n                                       # most recently seen last
+                keep[i] &= n <= self.max_count
+            while len(self._counts) > self.capacity:
+                self._counts.popitem(last=False)
+        return keep
+
+    def thresholds(self):
+        return {"items_tracked": float(len(self._counts)),
+                "items_over": float(sum(n > self.max_count for n in self._counts.values()))}
+
+    def state_dict(self):
+        return {"item_ids": torch.tensor(list(self._counts), dtype=torch.long),
+                "counts": torch.tensor(list(self._counts.values()), dtype=torch.long)}
+
+    def load_state_dict(self, state):
+        self._counts = OrderedDict(zip(state["item_ids"].tolist(), state["counts"].tolist()))
+
+
+@dataclass
+class AntiGradientControl(TimestepBucketed):
+    """A baseline after Liu et al. 2025 (IET-AGC's anti-gradient control): skips the samples the model already
+    denoises best, i.e. whose training loss is among the lowest `1 - quantile` of recent losses at the same
+    timestep (a memorized image's loss falls below its peers'). Per timestep bucket, so that a low-noise sample is
+    not skipped for its timestep alone; against a running window, so that the rule is the same at any batch size.
+    No magnitude is measured.
+
+    Args: those of `timestep` on the signal -log(loss), with statistic "quantile" and quantile 0.9 (the lowest
+    10% of losses are skipped) by default.
+    """
+
+    statistic: str = setting("quantile", "quantile or median_mad",
+                             lambda v: v in ("median_mad", "quantile"))
+    quantile: float = setting(0.9, "a number in (0, 1): the share of losses kept, e.g. filter.quantile=0.9",
+                              num_in(0, 1, lo_open=True, hi_open=True))
+    name = "agc"
+    uses_losses = True
+    needs_magnitude = False
+
+    def __post_init__(self):
+        if self.calibration is not None:
+            raise ValueError("filter.calibration is a magnitude calibration; filter=agc reads losses: leave it null")
+        super().__post_init__()
+
+    def _decide(self, m, t, losses=None):
+        return super()._decide(-losses.float().clamp_min(1e-12).log(), t)
 
 
 @dataclass
@@ -814,7 +904,7 @@ def item_groups(group_by: tuple, captions: list[str], pixel_values: torch.Tensor
 
 
 POLICIES = {cls.name: cls for cls in (NoFilter, FixedThreshold, BatchQuantile, RunningQuantile, TimestepBucketed,
-                                      CaptionHistory, ItemEvidence, Precomputed)}
+                                      CaptionHistory, ItemEvidence, CountAppearances, AntiGradientControl, Precomputed)}
 
 
 def build_policy(name: str, **kwargs) -> FilterPolicy:

@@ -4,8 +4,8 @@ The item policy measures time in *epochs of distinct items* (filtering.policies.
 halves every `half_life_epochs` x (distinct items seen) samples, so the same exposures decide the same way at any
 batch size, any number of GPUs and any dataset size. A set of every id would cost ~70 bytes per item (1M items:
 70 MB in memory and 8 MB in every checkpoint); the sketch costs 2**p bytes whatever the data, is exact to save and
-restore, and is within ~1.04/sqrt(2**p) (1.6% at p=12) of the true count. Item ids are 48-bit hashes (uniform
-bits), so they index the registers directly.
+restore, and is within ~1.04/sqrt(2**p) (1.6% at p=12) of the true count. Ids are mixed (`mix48`) before they
+index the registers, so ids that are not hashes count as well as hashed ones.
 """
 from __future__ import annotations
 
@@ -14,6 +14,16 @@ import math
 import torch
 
 ID_BITS = 48        # item ids are 48-bit hashes (filtering.policies._id48), never 0
+
+
+def mix48(x: int) -> int:
+    """x's bits spread over 48 (splitmix64's finaliser): ids that are not hashes (0, 1, 2, ...) index the registers
+    as uniformly as hashed ones. Never 0 for x != 0 (a bijection of 64-bit words, folded)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return ((x >> 48) ^ x) & (2 ** ID_BITS - 1) or 1
 
 
 class DistinctCount:
@@ -29,31 +39,40 @@ class DistinctCount:
         self.p = p
         self.registers = torch.zeros(2 ** p, dtype=torch.uint8)
 
-    def add(self, ids: torch.Tensor) -> None:
-        """Add [N] int64 ids (0 = none, ignored)."""
-        ids = ids.detach().long().cpu().reshape(-1)
-        ids = ids[ids != 0]
-        if ids.numel() == 0:
-            return
-        idx = ids & (2 ** self.p - 1)
-        rest = ids >> self.p                                    # the other ID_BITS - p bits
-        # rank = position of the leftmost 1 of `rest` as a (ID_BITS - p)-bit word, 1-based (all zeros: width + 1)
-        width = ID_BITS - self.p
-        bit_length = torch.where(rest > 0, torch.floor(torch.log2(rest.double().clamp_min(1))).long() + 1, 0)
-        rank = (width - bit_length + 1).to(torch.uint8)
-        self.registers = self.registers.scatter_reduce(0, idx, rank, reduce="amax")
+    def add_one(self, gid: int) -> float:
+        """Add one id (0 = none, ignored) and return the new estimate: O(1), for a per-sample clock."""
+        if gid:
+            gid = mix48(gid)
+            reg, rest = gid & (2 ** self.p - 1), gid >> self.p
+            rank = ID_BITS - self.p - rest.bit_length() + 1
+            old = int(self.registers[reg])
+            if rank > old:
+                self._sums()                         # up to date before the register changes
+                self.registers[reg] = rank
+                self._sum += 2.0 ** -rank - 2.0 ** -old
+                self._zeros -= old == 0
+        return self._estimate_from(*self._sums())
 
-    def estimate(self) -> float:
-        """The estimated count (linear counting while many registers are empty, as HyperLogLog prescribes)."""
+    def _sums(self) -> tuple[float, int]:
+        """(sum of 2**-register, empty registers), kept up to date by add_one, recomputed after add/load."""
+        if getattr(self, "_cached", None) is not self.registers:
+            self._sum = float(torch.pow(2.0, -self.registers.double()).sum())
+            self._zeros = int((self.registers == 0).sum())
+            self._cached = self.registers
+        return self._sum, self._zeros
+
+    def _estimate_from(self, total: float, zeros: int) -> float:
         m = self.registers.numel()
-        zeros = int((self.registers == 0).sum())
         if zeros == m:
             return 0.0
-        alpha = 0.7213 / (1.0 + 1.079 / m)
-        raw = alpha * m * m / float(torch.pow(2.0, -self.registers.double()).sum())
+        raw = 0.7213 / (1.0 + 1.079 / m) * m * m / total
         if raw <= 2.5 * m and zeros:
             return m * math.log(m / zeros)
         return raw
+
+    def estimate(self) -> float:
+        """The estimated count (linear counting while many registers are empty, as HyperLogLog prescribes)."""
+        return self._estimate_from(*self._sums())
 
     def state_dict(self) -> dict:
         return {"registers": self.registers.clone()}
