@@ -2,8 +2,9 @@
 
 Batch: pixel_values [B,3,H,W] uint8 (the family's encode_images makes the VAE's [-1,1]), the family's token ids
 ([B,L] each: input_ids, SDXL's input_ids_2),
-original_sizes and crop_top_lefts [B,2] (SDXL's time ids), keys, captions, dup_group [B], and skipped:
-the (key, reason, detail) of samples the source marked bad, so the training process can count them.
+original_sizes and crop_top_lefts [B,2] (SDXL's time ids), keys, captions, dup_group [B], item_ids [B] (the
+sample's item: `sample_item_id`, from the source picture before any crop or flip), and skipped: the (key, reason,
+detail) of samples the source marked bad, so the training process can count them.
 A source marks a bad sample by returning {"key": ..., "skip": reason, "detail": ...} instead of a Sample.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from memfilter.filtering.items import item_id_of_value, source_item_id
 from memfilter.train.data.transforms import BadSample, ImageTransform
 
 
@@ -58,6 +60,17 @@ class Tokenize:
                 out[name] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                                 return_tensors="pt").input_ids
         return out
+
+
+def sample_item_id(sample: dict) -> int:
+    """The 48-bit item id of a sample: the id its source provides in meta["item_id"] (a prep manifest's sha256 of the
+    image bytes or near-duplicate cluster: `item_id_of_value`), else `source_item_id` of its decoded picture. Taken
+    from the picture as the source gave it, before the transform's random crop and flip, so every appearance of one
+    picture gets one id whatever the epoch's augmentation (and a mirrored or re-encoded copy mostly the same)."""
+    given = sample["meta"].get("item_id")
+    if given is not None and str(given).strip():
+        return item_id_of_value(given)
+    return source_item_id(sample["image"])
 
 
 def _longs(values: list) -> torch.Tensor:
@@ -164,7 +177,7 @@ class CollateForTraining:
             except BadSample as e:
                 skipped.append((s["key"], e.reason, e.detail))
                 continue
-            good.append((s, pixels, original, crop))
+            good.append((s, pixels, original, crop, sample_item_id(s)))
         captions = [g[0]["caption"] for g in good]
         pixels, ring = stack_pixels([g[1] for g in good], self.transform.resolution)
         return {
@@ -173,7 +186,8 @@ class CollateForTraining:
                 **self.tokenize(captions),
                 "original_sizes": _longs([g[2] for g in good]).reshape(-1, 2),
                 "crop_top_lefts": _longs([g[3] for g in good]).reshape(-1, 2),
-                "dup_group": _longs([int(g[0]["meta"].get("dup_group", -1)) for g in good])}),
+                "dup_group": _longs([int(g[0]["meta"].get("dup_group", -1)) for g in good]),
+                "item_ids": _longs([g[4] for g in good])}),
             "keys": [g[0]["key"] for g in good],
             "captions": captions,
             "skipped": skipped,

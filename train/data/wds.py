@@ -314,8 +314,11 @@ class WebDatasetSource(IterableDataset):
             cap = next((raw[k] for k in CAPTION_KEYS if k in raw), None)
             cap = meta if cap is raw.get("json") else cap
         caption = pick_caption(cap, seed=self.seed, epoch=self.epoch, key=key)
+        item = meta.get("item_id")            # an item id the shard's writer knew (the collate's item_ids)
         meta = {"dup_group": int(meta.get("dup_group", -1)), "dup_copy": int(meta.get("dup_copy", 0)),
                 "source": str(raw.get("__url__", "")), "epoch": self.epoch}
+        if isinstance(item, (str, int)) and not isinstance(item, bool) and str(item).strip():
+            meta["item_id"] = item
         return {"key": key, "image": image, "caption": caption, "meta": meta}
 
 
