@@ -9,7 +9,7 @@ And two different pictures must not share one.
 - structure: an 8 x 8 grid of grey area means, each bit = cell above the grid's mean (the mean, not the median: a
   median is one of the cells, so two cells always sit on the threshold; and a gain leaves the signs as they are),
   flip-invariant by taking the smaller of the bits and their mirror (the grid of a mirrored picture is exactly the
-  mirrored grid: `_reduced`);
+  mirrored grid: `_reduced`; every pixel counts, so a resize moves no cell edge);
 - colour: the mean colour's chroma (R-Y, B-Y) in wide bins centred on grey, so a tint shift of a natural picture
   keeps its bin, while a red and a blue gradient of one layout differ;
 - low-contrast pictures (grid std below LOW_CONTRAST grey levels: flat colours, faint gradients), whose structure
@@ -24,7 +24,6 @@ the same 48-bit space. `id48` is the 48-bit convention every item id of the proj
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 
 import numpy as np
 from PIL import Image
@@ -62,38 +61,52 @@ def item_id_of_value(value) -> int:
     return id48(b"item-value/" + text.encode())
 
 
-def _reduced(image: Image.Image) -> np.ndarray:
-    """[h, w, 3] float64 of the image reduced by an odd integer factor k (exact block means), after a crop that
-    removes the same number of columns (rows) on both sides: the reduction of a mirrored image is then exactly the
-    mirror of the reduction. k keeps the shorter side at MIN_SIDE pixels or more; the crop takes at most 2k-1
-    pixels of a side, under 3.2% of it (1.6% at each edge)."""
+def _spans(n: int, k: int) -> tuple[int, int]:
+    """(margin, blocks): a side of n pixels as a margin, `blocks` blocks of k and the same margin again (under k
+    pixels each: k odd, so the remainder or the remainder plus k is even)."""
+    m = n % k
+    m += k if m % 2 else 0
+    return m // 2, (n - m) // k
+
+
+def _reduced(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image as block means: ([H, W, 3] float64, row edges [H + 1], column edges [W + 1] in pixels). Blocks are
+    k x k (k odd, the shorter side keeps MIN_SIDE blocks or more), laid out symmetrically: the remainder of a side
+    is split into two equal margin blocks at its ends. Every pixel counts once, and the blocks of a mirrored image
+    are exactly the mirrored blocks (PIL's integer reduction of the same pixels), so the grid is mirror-exact."""
     w, h = image.size
     k = max(1, min(w, h) // MIN_SIDE)
-    k -= (k % 2 == 0)                        # odd: a multiple of k of the same parity as the side always exists
+    k -= (k % 2 == 0)
     if k == 1:
-        return np.asarray(image, dtype=np.float64)
+        return np.asarray(image, dtype=np.float64), np.arange(h + 1), np.arange(w + 1)
+    parts = []
+    for n in (w, h):
+        c, blocks = _spans(n, k)
+        # (start, end, block size) of the margin, the blocks, the other margin; empty margins left out
+        parts.append([p for p in ((0, c, c), (c, n - c, k), (n - c, n, c)) if p[1] > p[0]])
+    rows = []
+    for top, bottom, fy in parts[1]:
+        rows.append(np.concatenate([np.asarray(image.reduce((fx, fy), box=(left, top, right, bottom)))
+                                    for left, right, fx in parts[0]], axis=1))
+    edges = [np.concatenate([[0]] + [np.arange(a + f, b + 1, f) for a, b, f in part]) for part in parts]
+    return np.concatenate(rows, axis=0).astype(np.float64), edges[1], edges[0]
 
-    def span(n: int) -> tuple[int, int]:
-        keep = n - n % k
-        if (n - keep) % 2:
-            keep -= k
-        cut = (n - keep) // 2
-        return cut, cut + keep
 
-    (left, right), (top, bottom) = span(w), span(h)
-    return np.asarray(image.reduce(k, box=(left, top, right, bottom)), dtype=np.float64)
+def _area_weights(edges: np.ndarray, cells: int) -> np.ndarray:
+    """[cells, len(edges) - 1] weights: row i averages [i n / cells, (i+1) n / cells) of the n pixels that the blocks
+    between `edges` cover, each block's mean weighted by its overlap with it."""
+    key = (edges.tobytes(), cells)
+    if key not in _WEIGHTS:
+        n = edges[-1]
+        bounds = np.arange(cells + 1) * n / cells
+        overlap = np.minimum(edges[None, 1:], bounds[1:, None]) - np.maximum(edges[None, :-1], bounds[:-1, None])
+        if len(_WEIGHTS) > 1024:
+            _WEIGHTS.clear()
+        _WEIGHTS[key] = np.clip(overlap, 0, None) / (n / cells)
+    return _WEIGHTS[key]
 
 
-@lru_cache(maxsize=256)
-def _area_weights(n: int, cells: int) -> np.ndarray:
-    """[cells, n] weights (read-only): row i averages the pixels of [i n/cells, (i+1) n/cells), partial pixels pro
-    rata."""
-    edges = np.arange(cells + 1) * n / cells
-    j = np.arange(n)
-    overlap = np.minimum(j[None, :] + 1, edges[1:, None]) - np.maximum(j[None, :], edges[:-1, None])
-    weights = np.clip(overlap, 0, None) / (n / cells)
-    weights.flags.writeable = False
-    return weights
+_WEIGHTS: dict = {}      # the weights of the image sizes seen (a data set has few)
 
 
 def describe(image) -> dict:
@@ -105,10 +118,10 @@ def describe(image) -> dict:
         image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
     elif image.mode != "RGB":
         image = image.convert("RGB")
-    px = _reduced(image)                                                    # [h, w, 3]
+    px, row_edges, col_edges = _reduced(image)                              # [h, w, 3] block means
     h, w, _ = px.shape
-    strips = (_area_weights(h, GRID) @ px.reshape(h, w * 3)).reshape(GRID, w, 3)      # [GRID, w, 3] row means
-    cells = _area_weights(w, GRID) @ strips                                            # [GRID, GRID, 3] (y, x, c)
+    strips = (_area_weights(row_edges, GRID) @ px.reshape(h, w * 3)).reshape(GRID, w, 3)   # [GRID, w, 3]
+    cells = _area_weights(col_edges, GRID) @ strips                                     # [GRID, GRID, 3] (y, x, c)
     rgb = cells.mean(axis=(0, 1))
     cells = cells @ np.array([0.299, 0.587, 0.114])                                     # [GRID, GRID] grey
     # rounded: a picture and its mirror sum the same values in another order, and must not land on two sides of
