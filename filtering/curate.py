@@ -198,7 +198,8 @@ class Scorer:
 def batch_rows(batch: dict, scored: dict | None, rank: int) -> dict[str, list]:
     """Rows of one batch in CURATION_SCHEMA: its scored samples, then its skipped ones."""
     b = len(batch["keys"])
-    ids = item_groups(("caption", "image"), batch["captions"], batch["pixel_values"]).tolist() if b else []
+    ids = item_groups(("caption", "image"), batch["captions"], batch["pixel_values"],
+                      item_ids=batch.get("item_ids")).tolist() if b else []
     skipped = batch.get("skipped", [])
     n = b + len(skipped)
     mags = scored["magnitude"] if b else np.zeros((0, 0))

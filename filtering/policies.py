@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memfilter.filtering.items import id48
 from memfilter.filtering.sketch import DistinctCount
 from memfilter.filtering.settings import check_settings, int_at_least, is_num, num_in, setting
 
@@ -859,43 +860,40 @@ class Precomputed(FilterPolicy):
         raise NotImplementedError("Precomputed decides by key in decide()")
 
 
-def _id48(data: bytes) -> int:
-    """An item id: 48 bits of the SHA-256 of `data` (exact in two float32 halves), never 0."""
-    import hashlib
-    return int(hashlib.sha256(data).hexdigest()[:12], 16) or 1
-
-
 def key_group(key: str) -> int:
     """The id of a sample key."""
-    return _id48(str(key).encode())
+    return id48(str(key).encode())
 
 
 def caption_group(caption: str) -> int:
     """The group id of a caption (case and surrounding space ignored)."""
-    return _id48(caption.strip().lower().encode())
+    return id48(caption.strip().lower().encode())
 
 
 def image_groups(pixel_values: torch.Tensor, size: int = 8) -> torch.Tensor:
     """[B] int64 perceptual ids of images [B, 3, H, W]: the average hash (grey, `size` x `size` area means,
     each bit = above the image's median), folded to 48 bits. An image shown again, also re-encoded or with
-    small shifts of colour and tint, gets the same id; a random crop or flip makes another.
+    small shifts of colour and tint, gets the same id; a random crop or flip makes another, and flat pictures all
+    share one: the fallback for batches without source ids (item_groups).
     """
     grey = pixel_values.detach().float().mean(1, keepdim=True)                         # [B, 1, H, W]
     small = torch.nn.functional.adaptive_avg_pool2d(grey, size).flatten(1)             # [B, size*size]
     bits = (small > small.median(dim=1, keepdim=True).values).to(torch.uint8).cpu().numpy()
-    return torch.tensor([_id48(row.tobytes()) for row in bits], dtype=torch.long)
+    return torch.tensor([id48(row.tobytes()) for row in bits], dtype=torch.long)
 
 
-def item_groups(group_by: tuple, captions: list[str], pixel_values: torch.Tensor,
-                keys: list[str] | None = None) -> torch.Tensor:
-    """[B, len(group_by)] int64 item ids of a batch: "caption" (caption_group), "image" (image_groups) and/or
-    "key" (key_group: the sample itself)."""
+def item_groups(group_by: tuple, captions: list[str], pixel_values: torch.Tensor | None = None,
+                keys: list[str] | None = None, item_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, len(group_by)] int64 item ids of a batch: "caption" (caption_group), "image" and/or "key" (key_group: the
+    sample itself). "image" is the batch's `item_ids` (the data pipeline's id of each source picture before any
+    random crop or flip, filtering.items.source_item_id, or the prep manifest's) when it carries them; otherwise
+    the perceptual hash of the (possibly augmented) pixels, image_groups."""
     cols = []
     for kind in group_by:
         if kind == "caption":
             cols.append(torch.tensor([caption_group(c) for c in captions], dtype=torch.long))
         elif kind == "image":
-            cols.append(image_groups(pixel_values))
+            cols.append(item_ids.long().cpu().reshape(-1) if item_ids is not None else image_groups(pixel_values))
         elif kind == "key" and keys is not None:
             cols.append(torch.tensor([key_group(k) for k in keys], dtype=torch.long))
         else:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-ID_BITS = 48        # item ids are 48-bit hashes (filtering.policies._id48), never 0
+ID_BITS = 48        # item ids are 48-bit hashes (filtering.items.id48), never 0
 
 
 def mix48(x: int) -> int:

@@ -472,7 +472,8 @@ class _Run:
             pixels, latents, cond, uncond, judged = self._condition(batch, gen, b)
         groups = None
         if self.policy.uses_groups:       # hash only for a policy that reads item ids
-            groups = item_groups(self.policy.group_by, batch["captions"], pixels, batch["keys"]) if b else \
+            groups = item_groups(self.policy.group_by, batch["captions"], pixels, batch["keys"],
+                                 batch.get("item_ids")) if b else \
                 torch.zeros(1, len(self.policy.group_by), dtype=torch.long)
         last = micro == args.gradient_accumulation_steps - 1
         with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
