@@ -12,9 +12,13 @@ optimizer and batch, followed by backward, AdamW step and zero_grad, as the trai
 - `fixed`: FixedThreshold with compute_magnitude=True, which adds one no-grad UNet forward with the
   empty-prompt embedding at the same x_t and t (the conditional prediction is reused from the
   training forward), and the policy's decision;
-- `item`: the default ItemEvidence policy on the same step, plus what the loop does for it: the perceptual
-  image ids of the batch (filtering.policies.item_groups on the pixels, on the step's device). Its target
-  is the policy's own cost: at most 5% over `fixed` (issue 9: at batch 256).
+- `item`: the ItemEvidence policy against the population (`filter.null=population`) on the same step, plus
+  what the loop does for it: the image ids of the batch (filtering.policies.item_groups; the pipeline computes
+  them from the source pictures in its workers, here they are hashed from the pixels on the step's device). Its
+  target is the policy's own cost: at most 5% over `fixed` (issues 9 and 25: at batch 256);
+- `item-base`: the default, ItemEvidence against the frozen base (`filter.null=base`): `item` plus the base's
+  two no-grad forwards (prompt and empty prompt) at every judged sample's x_t and t. That is the null's price,
+  printed beside the policy's own (no target: it buys the per-image null; docs/filter-policies.md).
 
 Why about 1.33x the time: a backward costs about two forwards, so a plain step is ~3 forward-equivalents
 and a filtered one ~4. The optimizer step and fixed per-step costs pull the ratio down, and so does the
@@ -38,6 +42,7 @@ next to their targets for a person to judge.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -58,7 +63,7 @@ from memfilter.train.step import filtered_diffusion_step  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_rss import PeakRss  # noqa: E402
 
-VARIANTS = ("fixed", "none", "item")
+VARIANTS = ("fixed", "none", "item", "item-base")
 TARGET_TIME, TARGET_MEMORY, TARGET_POLICY = 1.35, 1.10, 1.05
 CHILD_TAG = "BENCH_CHILD_RESULT "
 MiB = 2 ** 20
@@ -75,6 +80,7 @@ class Bench:
     cond: dict              # the UNet's keyword arguments, as the family builds them (SD: [B, 77, D] states)
     uncond: dict            # the empty prompt's, batch B
     pixels: torch.Tensor    # [B, 3, H, W] in [-1, 1]: what the item policy hashes
+    base: torch.nn.Module   # a frozen copy of the UNet: the base model of filter.null=base
     device: torch.device
     bf16: bool
     description: str
@@ -117,7 +123,8 @@ def build_bench(args: argparse.Namespace) -> Bench:
     desc = (f"{what} ({n_params:.1f}M params), batch {b}, {device.type}, "
             f"{'bf16 autocast' if args.mixed_precision == 'bf16' else 'fp32'}"
             f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    return Bench(unet, noise_scheduler, optimizer, latents, cond, uncond, pixels, device,
+    base = copy.deepcopy(unet).requires_grad_(False).eval()
+    return Bench(unet, noise_scheduler, optimizer, latents, cond, uncond, pixels, base, device,
                  args.mixed_precision == "bf16", desc)
 
 
@@ -146,8 +153,8 @@ def sd_size_unet(family: str):
 
 def make_policy(variant: str, threshold: float) -> tuple[FilterPolicy, bool]:
     """(policy, compute_magnitude) of a variant, as the training loop chooses them."""
-    if variant == "item":
-        return ItemEvidence(), True
+    if variant in ("item", "item-base"):
+        return ItemEvidence(null="base" if variant == "item-base" else "population"), True
     return (FixedThreshold(threshold), True) if variant == "fixed" else (NoFilter(), False)
 
 
@@ -166,9 +173,13 @@ def train_step(bench: Bench, policy: FilterPolicy, compute_magnitude: bool, seed
     """One optimizer step shaped like the training loop's; returns the number of kept samples."""
     gen = torch.Generator(device=bench.device).manual_seed(seed)
     groups = item_groups(policy.group_by, [], bench.pixels) if policy.uses_groups else None
+    def reference(x_t, t, cond):                                   # as the loop's: no grad, autocast
+        with torch.no_grad():
+            return bench.base(x_t, t, **cond).sample
     with torch.autocast(bench.device.type, dtype=torch.bfloat16, enabled=bench.bf16):
         out = filtered_diffusion_step(bench.unet, bench.noise_scheduler, bench.latents, bench.cond, bench.uncond,
-                                      policy, gen, compute_magnitude=compute_magnitude, groups=groups)
+                                      policy, gen, compute_magnitude=compute_magnitude, groups=groups,
+                                      reference=reference if policy.uses_base else None, anchor=False)
     out.loss_sum.backward()      # AdamW is scale-invariant: no division by the kept count needed here
     if out.kept_global:          # the loop skips the update when every sample was dropped
         bench.optimizer.step()
@@ -291,12 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
     time_ratio = med["fixed"] / med["none"]
     mem_ratio = memory["fixed"]["peak_bytes"] / memory["none"]["peak_bytes"]
     policy_ratio = med["item"] / med["fixed"]
+    base_ratio = med["item-base"] / med["fixed"]
     print(f"\nfilter overhead: {what}")
-    print(f"{'variant':<8} {'extra fwd':>9} {'median step':>12} {'min step':>9} {'peak memory':>12} "
+    print(f"{'variant':<9} {'extra fwd':>9} {'median step':>12} {'min step':>9} {'peak memory':>12} "
           f"{'of it: step working set':>24}")
     for v in VARIANTS:
         m = memory[v]
-        print(f"{v:<8} {'no' if v == 'none' else 'yes':>9} {med[v]:>11.3f}s {min(times[v]):>8.3f}s "
+        print(f"{v:<9} {'no' if v == 'none' else '3' if v == 'item-base' else '1':>9} {med[v]:>11.3f}s {min(times[v]):>8.3f}s "
               f"{m['peak_bytes'] / MiB:>8.1f} MiB {m['working_set_bytes'] / MiB:>20.1f} MiB")
     print(f"memory: {memory_how}")
     for label, ratio, target in (("time ratio fixed/none", time_ratio, TARGET_TIME),
@@ -304,13 +316,14 @@ def main(argv: list[str] | None = None) -> dict:
                                  ("time ratio item/fixed (the policy's own cost)", policy_ratio, TARGET_POLICY)):
         print(f"{label}: {ratio:.3f}x (target <= {target:.2f}x)"
               f"{'' if ratio <= target else f'  over target: {ratio:.3f}x'}")
+    print(f"time ratio item-base/fixed (the default: the policy and the base null's two forwards): {base_ratio:.3f}x")
 
     config = {k: str(v) if v == float("inf") else v for k, v in vars(args).items()
               if k not in ("json", "child_variant")}          # str(inf): JSON has no infinity
     result = {"setup": what, "config": config,
               "torch": torch.__version__, "memory_method": memory_how, "step_seconds": times,
               "median_step_seconds": med, "memory": memory, "time_ratio": time_ratio, "memory_ratio": mem_ratio,
-              "policy_time_ratio": policy_ratio,
+              "policy_time_ratio": policy_ratio, "base_null_time_ratio": base_ratio,
               "targets": {"time_ratio": TARGET_TIME, "memory_ratio": TARGET_MEMORY, "policy_time_ratio": TARGET_POLICY}}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

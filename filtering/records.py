@@ -1,6 +1,7 @@
 """Per-sample score records: one row per sample per step, in Parquet, written by every rank.
 
-Training's schema (SCHEMA): step, rank, key, timestep, magnitude, kept, loss, eligible. The curation pass's
+Training's schema (SCHEMA): step, rank, key, timestep, magnitude, kept, loss, eligible, item_id, base_loss,
+base_magnitude. The curation pass's
 (CURATION_SCHEMA) shares rank, key, timestep and magnitude (as lists: one value per draw and timestep) and adds
 what a pass over a dataset knows: the chunk, the caption, the mean score, the item ids (caption and image, as
 filtering.policies.item_groups computes them for training), the source's ground truth and a skipped sample's
@@ -30,6 +31,9 @@ SCHEMA = pa.schema([
     ("kept", pa.bool_()),
     ("loss", pa.float32()),
     ("eligible", pa.bool_()),     # False where the caption was dropped for guidance: never judged
+    ("item_id", pa.int64()),      # the sample's first item id as the policy saw it (null: the policy reads none)
+    ("base_loss", pa.float32()),  # the base model's loss at the same x_t and t (NaN: not measured, filter.null)
+    ("base_magnitude", pa.float32()),   # and its magnitude: with the rest, a stream any policy can be replayed on
 ])
 CURATION_SCHEMA = pa.schema([
     ("chunk", pa.int64()),
@@ -71,13 +75,16 @@ class RecordWriter:
         self._seq += 1
         return self.dir / f"part-{first:010d}-{last:010d}-{self._seq - 1:06d}.parquet"
 
-    def append(self, step: int, keys, timesteps, magnitudes, kept, losses, eligible) -> None:
-        """Add one row per sample. Tensors or sequences of equal length [B]."""
+    def append(self, step: int, keys, timesteps, magnitudes, kept, losses, eligible, item_ids=None,
+               base_losses=None, base_magnitudes=None) -> None:
+        """Add one row per sample. Tensors or sequences of equal length [B]; the last three may be None (nulls)."""
         keys = list(keys)
         n = len(keys)
         cols = {}
         for name, vals in (("timestep", timesteps), ("magnitude", magnitudes), ("kept", kept), ("loss", losses),
-                           ("eligible", eligible)):
+                           ("eligible", eligible), ("item_id", item_ids), ("base_loss", base_losses),
+                           ("base_magnitude", base_magnitudes)):
+            vals = [None] * n if vals is None else vals
             cols[name] = vals.detach().cpu().tolist() if hasattr(vals, "detach") else list(vals)
             if len(cols[name]) != n:      # check everything before touching the buffer
                 raise ValueError(f"records: {name} has {len(cols[name])} values for {n} keys")

@@ -14,20 +14,24 @@ BS = 3  # samples per step
 
 
 def _batch(step: int, rank: int = 0):
-    """One step's records: keys, timesteps, magnitudes, kept, losses, eligible (tensors, as the loop passes them)."""
+    """One step's records: keys, timesteps, magnitudes, kept, losses, eligible, item ids (48-bit), base losses and
+    base magnitudes (tensors, as the loop passes them)."""
     g = torch.Generator().manual_seed(1000 * rank + step)
     keys = [f"r{rank}-s{step}-{i}" for i in range(BS)]
     return (keys, torch.randint(0, 1000, (BS,), generator=g), torch.rand(BS, generator=g) * 5,
-            torch.rand(BS, generator=g) > 0.3, torch.rand(BS, generator=g), torch.rand(BS, generator=g) > 0.2)
+            torch.rand(BS, generator=g) > 0.3, torch.rand(BS, generator=g), torch.rand(BS, generator=g) > 0.2,
+            torch.randint(1, 2 ** 48, (BS,), generator=g), torch.rand(BS, generator=g),
+            torch.rand(BS, generator=g) * 5)
 
 
 def _expected_rows(steps, rank: int = 0) -> set[tuple]:
     rows = set()
     for s in steps:
-        keys, t, m, kept, loss, elig = _batch(s, rank)
+        keys, t, m, kept, loss, elig, ids, base_loss, base_m = _batch(s, rank)
         for i in range(BS):
             rows.add((s, rank, keys[i], int(t[i]), float(np.float32(m[i])), bool(kept[i]),
-                      float(np.float32(loss[i])), bool(elig[i])))
+                      float(np.float32(loss[i])), bool(elig[i]), int(ids[i]), float(np.float32(base_loss[i])),
+                      float(np.float32(base_m[i]))))
     return rows
 
 
@@ -92,8 +96,8 @@ def test_plain_sequences_are_accepted(tmp_path):
     w.append(5, ["a", "b"], [10, 20], [0.5, 1.5], [True, False], [0.1, 0.2], [True, False])
     w.flush()
     rows = _rows(read_records(tmp_path))
-    assert rows == [(5, 2, "a", 10, 0.5, True, pytest.approx(0.1), True),
-                    (5, 2, "b", 20, 1.5, False, pytest.approx(0.2), False)]
+    assert rows == [(5, 2, "a", 10, 0.5, True, pytest.approx(0.1), True, None, None, None),   # no ids, no base:
+                    (5, 2, "b", 20, 1.5, False, pytest.approx(0.2), False, None, None, None)]  # nulls
 
 
 def test_records_written_before_the_eligible_column_read_back_with_it_unknown(tmp_path):
@@ -172,7 +176,9 @@ def test_truncate_after_removes_exactly_the_later_steps(tmp_path, flush_every, s
 
 def test_length_mismatch_raises(tmp_path):
     w = RecordWriter(tmp_path, rank=0)
-    keys, t, m, kept, loss, elig = _batch(1)
+    keys, t, m, kept, loss, elig, ids, base_loss, base_m = _batch(1)
+    with pytest.raises(ValueError, match="base_loss"):
+        w.append(1, keys, t, m, kept, loss, elig, ids, base_loss[:-1], base_m)
     with pytest.raises(ValueError, match="magnitude"):
         w.append(1, keys, t, m[:-1], kept, loss, elig)
     with pytest.raises(ValueError, match="loss"):
@@ -185,7 +191,7 @@ def test_length_mismatch_raises(tmp_path):
 
 def test_rejected_append_leaves_the_writer_usable(tmp_path):
     w = RecordWriter(tmp_path, rank=0)
-    keys, t, m, kept, loss, elig = _batch(1)
+    keys, t, m, kept, loss, elig, *_ = _batch(1)
     with pytest.raises(ValueError):
         w.append(1, keys, t, m[:-1], kept, loss, elig)
     w.append(2, *_batch(2))

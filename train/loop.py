@@ -488,7 +488,8 @@ class _Run:
             total = out.kept_global + out.anchored_global     # the samples in the loss: the gradient's divisor
             self._backward(out.loss_sum, total)
         self.records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],
-                            out.keep[:b], out.per_sample_loss[:b], out.eligible[:b])
+                            out.keep[:b], out.per_sample_loss[:b], out.eligible[:b],
+                            None if groups is None else groups[:b, 0], out.base_loss[:b], out.base_magnitude[:b])
         self.window.add(out.stats)
         state.epoch, state.batches_in_epoch = epoch, consumed
         if last_of_epoch:

@@ -76,6 +76,8 @@ class StepOutput:
     stats: StepStats               # the valid rows of all ranks, with the decision
     kept_global: int               # kept samples in the global micro-batch
     anchored_global: int = 0       # dropped samples trained toward the reference instead (`reference`)
+    base_loss: torch.Tensor | None = None        # [B] the base's loss at the same x_t and t (NaN: not measured)
+    base_magnitude: torch.Tensor | None = None   # [B] and its magnitude
 
 
 def snr_weights(noise_scheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
@@ -173,7 +175,7 @@ def filtered_diffusion_step(
                                                            noise_scheduler, snr_gamma, base.pred)
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()),
-                      anchored_global=anchored_global)
+                      anchored_global=anchored_global, base_loss=base.loss, base_magnitude=base.magnitude)
 
 
 def _magnitude(unet, noise_scheduler, noisy, timesteps, uncond, pred, autocast) -> torch.Tensor:
