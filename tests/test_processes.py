@@ -156,3 +156,30 @@ def test_two_process_streaming_resume_with_a_bad_sample_on_one_rank(tmp_path):
     late = ra[ra.step > 2].sort_values(["step", "rank", "key"]).reset_index(drop=True)
     rb = rb.sort_values(["step", "rank", "key"]).reset_index(drop=True)
     assert (late.key == rb.key).all() and (late["rank"] == rb["rank"]).all() and len(rb) == 2 * 2 * 2
+
+
+def test_item_policy_two_ranks_stopped_mid_stream_resume_to_the_same_decisions(tmp_path):
+    """filter=item (the default's base null and anchoring) on 2 processes: a run stopped at its step-4 checkpoint
+    and resumed decides, sample by sample, and ends, weight by weight, as the uninterrupted one."""
+    common = ["checkpointing_steps=4", "records_flush_every=1", "filter=item", "filter.num_buckets=1",
+              "filter.warmup=4", "filter.min_count=2", "filter.z_crit=0", "proportion_empty_prompts=0",
+              "optim.lr_scheduler=constant", "optim.lr_warmup_steps=0", "data.num_unique=12", "data.repeats=6"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = run_cmd(launch_cmd(full, common + ["max_train_steps=8"], num_processes=2), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cmd(launch_cmd(cut, common + ["max_train_steps=4"], num_processes=2), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cmd(launch_cmd(cut, common + ["max_train_steps=8", "resume_from_checkpoint=latest"], num_processes=2),
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    order = ["step", "rank", "key", "timestep"]
+    ra = read_records(full / "records").to_pandas().sort_values(order).reset_index(drop=True)
+    rb = read_records(cut / "records").to_pandas().sort_values(order).reset_index(drop=True)
+    assert len(ra) == len(rb) and sorted(ra["rank"].unique()) == [0, 1]
+    assert (ra.key == rb.key).all() and (ra.kept == rb.kept).all() and (ra.item_id == rb.item_id).all()
+    np.testing.assert_array_equal(ra.base_loss.to_numpy(), rb.base_loss.to_numpy())
+    late = ra[ra.step > 4]
+    assert not late.kept.all() and late.base_loss.notna().all()      # the restored policy did drop samples
+    a, b = _unet_weights(full), _unet_weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
