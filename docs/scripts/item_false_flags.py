@@ -20,7 +20,7 @@ from memfilter.filtering.policies import ItemEvidence  # noqa: E402
 
 def false_flags(seed: int, z_crit: float, steps: int, drift: float) -> int:
     """Ordinary repeated images flagged at least once in one stream (of 6)."""
-    p = ItemEvidence(num_buckets=4, evidence=("loss",), z_crit=z_crit)
+    p = ItemEvidence(num_buckets=4, evidence=("loss",), z_crit=z_crit, null="population")   # streams carry no base
     g = torch.Generator().manual_seed(seed)
     flagged = set()
     for step in range(steps):

@@ -46,6 +46,11 @@ def replay(records: str, seed: int, spec: dict, world_kw: dict | None = None) ->
         kw["eligible"] = torch.tensor(judged[sel])
         if getattr(policy, "uses_losses", False):
             kw["losses"] = torch.tensor(df.loss.to_numpy()[sel])
+        if policy.uses_base:     # records of runs with filter.null=base carry the base's loss and magnitude
+            if "base_loss" not in df or df.base_loss.isna().all():
+                raise SystemExit(f"{records} holds no base_loss/base_magnitude: replay with null=population")
+            kw["base_losses"] = torch.tensor(df.base_loss.to_numpy()[sel])
+            kw["base_magnitudes"] = torch.tensor(df.base_magnitude.to_numpy()[sel])
         keep[sel] = policy.decide(torch.tensor(df.magnitude.to_numpy()[sel]), torch.tensor(df.timestep.to_numpy()[sel]),
                                   **kw).numpy()
     first = {int(i): int(steps[(items == i) & ~keep].min()) for i in range(world.num_duplicated)
