@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from memfilter.filtering.items import id48
-from memfilter.filtering.sketch import DistinctCount
+from memfilter.filtering.sketch import ID_BITS, DistinctCount, mix48
 from memfilter.filtering.settings import check_settings, int_at_least, is_num, num_in, setting
 
 MAD_TO_STD = 1.4826  # MAD * 1.4826 estimates the std of a normal distribution
@@ -34,6 +34,10 @@ class FilterPolicy:
     group_by: tuple = ("caption",)   # which item ids the loop computes for it
     uses_losses = False              # True: _decide also takes the per-sample losses
     uses_base = False                # True: _decide also takes the base model's losses and magnitudes
+
+    def base_rows(self, groups: torch.Tensor) -> torch.Tensor | None:
+        """[B] bool: the samples whose base signals the policy reads (None: all of them, when it reads any)."""
+        return None
     needs_magnitude = True           # False: the loop runs no extra forward for it
 
     def decide(self, magnitudes: torch.Tensor, timesteps: torch.Tensor | None = None,
@@ -526,6 +530,10 @@ class ItemEvidence(FilterPolicy):
             Default 1.0.
         null: "base" (signals relative to the frozen base model on the same input: needs its forward with the
             prompt and with the empty prompt) or "population" (raw signals, no extra forward). Default "base".
+        base_fraction: with null "base", the share of rarely-seen samples the base is run on (they form the
+            reference); every sample of an item seen lately (one that can gather evidence) is always measured.
+            1 measures everything; 0.25 costs the base's two forwards on ~25% of fresh samples plus the repeated
+            ones (see `base_rows`). Default 1.0.
         min_timestep: only samples at t >= min_timestep add evidence; the decision applies at every t.
             Default 0.
         num_buckets: equal timestep buckets of the reference. Default 10.
@@ -551,6 +559,8 @@ class ItemEvidence(FilterPolicy):
     half_life_epochs: float = setting(1.0, "a number > 0 (passes over the distinct items), e.g. "
                                       "filter.half_life_epochs=1", lambda v: is_num(v) and v > 0)
     null: str = setting("base", "base or population", lambda v: v in ("base", "population"))
+    base_fraction: float = setting(1.0, "a number in (0, 1], e.g. filter.base_fraction=0.25",
+                                   num_in(0, 1, lo_open=True))
     min_timestep: int = setting(0, "an integer >= 0, e.g. filter.min_timestep=500", int_at_least(0))
     num_buckets: int = setting(10, "an integer in [1, 1000]", lambda v: int_at_least(1)(v) and v <= 1000)
     num_train_timesteps: int = 1000
@@ -591,6 +601,19 @@ class ItemEvidence(FilterPolicy):
     def uses_base(self) -> bool:
         """The loop must hand the base model's loss and magnitude at each sample's x_t and t."""
         return self.null == "base"
+
+    def base_rows(self, groups: torch.Tensor) -> torch.Tensor | None:
+        """[B] bool: the samples of a (local) batch whose base signals this policy reads, from the state before the
+        batch (the same on every rank): every sample of an item seen lately, and a `base_fraction` share of the
+        others, chosen by a hash of (item, samples seen). None: every sample (or no base at all)."""
+        if not self.uses_base or self.base_fraction >= 1.0:
+            return None
+        pick = self.base_fraction * 2 ** ID_BITS
+        rows = []
+        for gid in groups.reshape(groups.shape[0], -1)[:, 0].tolist():
+            rows.append(bool(gid) and (self._seen(gid) >= self.rare_count
+                                       or mix48(gid ^ (self._samples * 0x9E3779B1 + 1)) < pick))
+        return torch.tensor(rows, dtype=torch.bool)
 
     def _signals(self, m, losses, base_losses, base_magnitudes) -> list[torch.Tensor]:
         """[N] per signal, larger = more like memorization (see the class docstring, 2)."""

@@ -758,3 +758,29 @@ def test_count_and_agc_baselines_drop_what_they_say():
     assert 0.05 < float(torch.stack(dropped[5:]).mean()) < 0.15                    # the lowest ~10% of losses
     keep = agc.decide(torch.ones(4), torch.full((4,), 900), losses=torch.tensor([1e-6, 0.2, 0.2, float("nan")]))
     assert keep.tolist() == [False, True, True, False]                # the lowest loss, and a NaN loss, skipped
+
+
+def test_item_policy_with_a_base_fraction_measures_the_repeated_items_and_a_share_of_the_rest():
+    """base_fraction=0.25: the base runs on every sample of an item seen lately and on ~25% of the others (the
+    reference); the policy flags the same items as with the base everywhere, at about half the base's cost here."""
+    rows = _recorded_stream(0)
+    dup = rows[:, 0] <= 6
+    full = _item_policy(null="base")
+    keep_full = _replay(full, rows, 32)
+    p = _item_policy(null="base", base_fraction=0.25)
+    keep, measured = [], []
+    for s in range(0, rows.shape[0], 32):
+        r = rows[s:s + 32].clone()
+        ids = r[:, 0].long()
+        sel = p.base_rows(ids)
+        assert _item_policy(null="population", base_fraction=0.25).base_rows(ids) is None
+        r[~sel, 3] = r[~sel, 5] = float("nan")            # the base was not run there
+        measured.append(sel)
+        keep.append(p.decide(r[:, 4].float(), r[:, 1].long(), groups=ids, losses=r[:, 2].float(),
+                             base_losses=r[:, 3].float(), base_magnitudes=r[:, 5].float()))
+    keep, measured = torch.cat(keep), torch.cat(measured)
+    flagged = lambda q: {i for i in range(1, 7) if q._items.get(i, [0, 0, 0])[2]}  # noqa: E731
+    assert flagged(p) == flagged(full) == set(range(1, 7))
+    assert keep[~dup].all() and abs(float((~keep[dup]).float().mean()) - float((~keep_full[dup]).float().mean())) < 0.1
+    assert measured[dup].float().mean() > 0.9                     # repeated items: measured once seen
+    assert 0.15 < measured[~dup].float().mean() < 0.35            # the rest: about base_fraction

@@ -298,14 +298,15 @@ def test_base_null_measures_the_base_at_the_training_inputs_and_its_prediction_i
     latents, embeds, uncond = torch.randn(8, C, H, W, generator=g), torch.randn(8, L, D, generator=g), torch.zeros(1, L, D)
     eligible = torch.tensor([True] * 6 + [False] * 2)
 
-    def run(base_net, policy):
+    def run(base_net, policy, base_rows=None):
         calls = []
 
         def reference(x_t, t, cond):
             calls.append(x_t.shape[0])
             return base_net(x_t, t, **cond).sample
         out = filtered_diffusion_step(net, scheduler, latents, embeds, uncond, policy, torch.Generator().manual_seed(11),
-                                      eligible=eligible, reference=reference, groups=torch.arange(1, 9))
+                                      eligible=eligible, reference=reference, groups=torch.arange(1, 9),
+                                      base_rows=base_rows)
         return out, calls
 
     same, calls = run(_copy.deepcopy(net), ItemEvidence(num_buckets=1, warmup=1))
@@ -314,6 +315,9 @@ def test_base_null_measures_the_base_at_the_training_inputs_and_its_prediction_i
     torch.testing.assert_close(same.stats.base_loss[judged], same.stats.loss[judged])
     torch.testing.assert_close(same.stats.base_magnitude[judged], same.stats.magnitude[judged])
     assert torch.isnan(same.stats.base_loss[~judged]).all()
+    some, calls = run(_copy.deepcopy(net), ItemEvidence(num_buckets=1, warmup=1),
+                      base_rows=torch.tensor([True, False] * 4))              # policy.base_rows: judged rows 0, 2, 4
+    assert calls == [3, 3] and torch.isfinite(some.stats.base_loss).tolist() == [True, False] * 3 + [False] * 2
 
     other = _copy.deepcopy(net)
     with torch.no_grad():

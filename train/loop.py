@@ -484,7 +484,7 @@ class _Run:
                 rank=self.rank, autocast=self.autocast, compute_magnitude=self.compute_m,
                 valid=torch.arange(max(b, 1), device=dev) < b, pad_to=args.train_batch_size, groups=groups,
                 reference=self.reference if self.uses_reference else None, anchor=self.anchor,
-                anchor_weight=args.anchor_weight)
+                anchor_weight=args.anchor_weight, base_rows=None if groups is None else self.policy.base_rows(groups))
             total = out.kept_global + out.anchored_global     # the samples in the loss: the gradient's divisor
             self._backward(out.loss_sum, total)
         self.records.append(state.global_step + 1, batch["keys"], out.timesteps[:b], out.magnitudes[:b],

@@ -114,6 +114,7 @@ def filtered_diffusion_step(
     reference: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None,
     anchor: bool = True,
     anchor_weight: float = 1.0,
+    base_rows: torch.Tensor | None = None,
 ) -> StepOutput:
     """Loss of one micro-batch with the magnitude filter applied.
 
@@ -149,6 +150,7 @@ def filtered_diffusion_step(
         anchor: with `reference`, a sample the policy drops is *anchored*: its loss is anchor_weight x
             ||pred - reference||^2 (keeping what its caption names, never its image; the base's prediction is
             reused when the policy measured it). False: a dropped sample leaves the loss. Default True.
+        base_rows: [B] bool, the judged samples the base is run on for the policy (policy.base_rows); default all.
     """
     b, dev = latents.shape[0], latents.device
     drawn = training_inputs(magnitude_unet or unet, noise_scheduler, latents, generator, noise or NoiseArgs(),
@@ -160,7 +162,8 @@ def filtered_diffusion_step(
     per_sample = _weighted_mse(pred, drawn.target, timesteps, noise_scheduler, snr_gamma)   # [B]
     eligible, is_duplicate, valid = (torch.full((b,), fill, dtype=torch.bool, device=dev) if x is None else x.to(dev)
                                      for x, fill in ((eligible, True), (is_duplicate, False), (valid, True)))
-    base = _base_signals(policy, reference, drawn, cond, uncond, valid & eligible, noise_scheduler, snr_gamma)
+    measured = valid & eligible if base_rows is None else valid & eligible & base_rows.to(dev)
+    base = _base_signals(policy, reference, drawn, cond, uncond, measured, noise_scheduler, snr_gamma)
     local = StepStats(magnitude=m, timestep=timesteps, eligible=eligible, duplicate=is_duplicate, loss=per_sample,
                       valid=valid, groups=torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None
                       else groups.to(dev).long().reshape(b, -1), base_loss=base.loss, base_magnitude=base.magnitude)
@@ -172,7 +175,7 @@ def filtered_diffusion_step(
         # the same global count on every rank: a dropped row is a valid, judged row the decision did not keep
         anchored_global = int((g.valid & g.eligible & ~g.keep).sum())
         loss_sum = loss_sum + anchor_weight * _anchor_loss(pred, drawn, cond, reference, valid & eligible & ~keep,
-                                                           noise_scheduler, snr_gamma, base.pred)
+                                                           noise_scheduler, snr_gamma, base.pred, measured)
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()),
                       anchored_global=anchored_global, base_loss=base.loss, base_magnitude=base.magnitude)
@@ -196,14 +199,16 @@ def _global_decision(local: StepStats, policy: FilterPolicy, gather, rank: int, 
 
 
 def _anchor_loss(pred, drawn, cond, reference, rows: torch.Tensor, noise_scheduler,
-                 snr_gamma: float | None, known: torch.Tensor | None = None) -> torch.Tensor:
+                 snr_gamma: float | None, known: torch.Tensor | None = None,
+                 known_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over `rows` [B] of ||pred - reference(x_t, t, cond)||^2 (mean over elements): zero with a graph when
     no row is anchored, so every rank's backward covers the same parameters. `known` [B, C, h, w]: the base's
-    predictions already made for every judged row (BaseSignals.pred), reused instead of a new forward."""
+    predictions already made for the rows `known_rows` [B] (BaseSignals), reused instead of a new forward when they
+    cover every anchored row."""
     idx, noisy, timesteps = rows.nonzero().squeeze(1), drawn.noisy, drawn.timesteps
     if idx.numel() == 0:
         return pred.sum() * 0.0
-    if known is not None:
+    if known is not None and bool(known_rows[idx].all()):
         ref = known[idx]
     else:
         with torch.no_grad():
