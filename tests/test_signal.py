@@ -222,6 +222,20 @@ def test_step_stats_travel_by_name_through_one_gather_with_exact_48_bit_ids():
     assert real.groups.max() == 2 ** 48 - 1 and real.groups.dtype == torch.long
 
 
+def _step_case():
+    """A tiny UNet and one micro-batch of 8 (6 judged, 2 not) for the step's tests: (net, latents, prompt
+    embeddings, empty-prompt embedding, eligible)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        net = UNet2DConditionModel(
+            sample_size=H, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(32, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=D, attention_head_dim=8, norm_num_groups=32)
+    g = torch.Generator().manual_seed(7)
+    latents, embeds = torch.randn(8, C, H, W, generator=g), torch.randn(8, L, D, generator=g)
+    return net, latents, embeds, torch.zeros(1, L, D), torch.tensor([True] * 6 + [False] * 2)
+
+
 def test_anchored_rows_train_toward_the_reference_and_protected_rows_never_do(scheduler):
     """dropped_samples=anchor, by definition: the loss is the kept rows' MSE to the target plus, for each row the
     policy drops, the MSE to the reference's prediction at the same x_t, t and caption; a row the policy may not
@@ -233,19 +247,11 @@ def test_anchored_rows_train_toward_the_reference_and_protected_rows_never_do(sc
     from memfilter.filtering.policies import BatchQuantile
     from memfilter.train.step import filtered_diffusion_step
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        net = UNet2DConditionModel(
-            sample_size=H, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(32, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=D, attention_head_dim=8, norm_num_groups=32)
+    net, latents, embeds, uncond, eligible = _step_case()
     ref_net = _copy.deepcopy(net)
     with torch.no_grad():                       # a reference that differs from the trained model
         for p in ref_net.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(7)
-    latents, embeds, uncond = torch.randn(8, C, H, W, generator=g), torch.randn(8, L, D, generator=g), torch.zeros(1, L, D)
-    eligible = torch.tensor([True] * 6 + [False] * 2)
     seen = {}
 
     def reference(x_t, t, cond):
@@ -287,16 +293,7 @@ def test_base_null_measures_the_base_at_the_training_inputs_and_its_prediction_i
     from memfilter.train.noise import NoiseArgs, training_inputs
     from memfilter.train.step import filtered_diffusion_step
 
-    C, H, W, L, D = 4, 8, 8, 5, 32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        net = UNet2DConditionModel(
-            sample_size=H, in_channels=C, out_channels=C, layers_per_block=1, block_out_channels=(32, 32),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=D, attention_head_dim=8, norm_num_groups=32)
-    g = torch.Generator().manual_seed(7)
-    latents, embeds, uncond = torch.randn(8, C, H, W, generator=g), torch.randn(8, L, D, generator=g), torch.zeros(1, L, D)
-    eligible = torch.tensor([True] * 6 + [False] * 2)
+    net, latents, embeds, uncond, eligible = _step_case()
 
     def run(base_net, policy, base_rows=None):
         calls = []
