@@ -40,3 +40,13 @@ def test_tensorboard_and_all_write_event_files(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss_all")] == [1, 2]
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_a_policy_that_measures_no_magnitude_logs_to_wandb(tmp_path):
+    """filter=count and filter=agc measure no m (NaN in the stats): the logs leave m's histogram out instead of
+    failing on it (a run of the demo's count baseline stopped at its first log)."""
+    for name in ("count", "agc"):
+        run_dir, summary = train_in_process(tmp_path / name, ["logger=wandb", f"filter={name}", "max_train_steps=3",
+                                                              "filter.max_count=1" if name == "count" else
+                                                              "filter.warmup=2"])
+        assert (run_dir / "model_index.json").is_file()

@@ -669,7 +669,8 @@ def _log(tracker, bar, stats: StepStats | None, policy: FilterPolicy, lr: float,
     """Scalars, histograms and the progress bar from the global stats since the last log."""
     if stats is None or stats.keep.numel() == 0:
         return
-    m, elig, dup, loss, kept = stats.magnitude, stats.eligible, stats.duplicate, stats.loss, stats.keep
+    m, dup, loss, kept = stats.magnitude, stats.duplicate, stats.loss, stats.keep
+    elig = stats.eligible & torch.isfinite(m)        # judged and measured (count, agc and none measure no m)
     keep = kept.float()
     values = {
         "train/loss": float(loss[kept].mean()) if kept.any() else float("nan"),
@@ -688,7 +689,8 @@ def _log(tracker, bar, stats: StepStats | None, policy: FilterPolicy, lr: float,
     if (~dup).any():
         values["filter/kept_fraction_nondup"] = float(keep[~dup].mean())
     tracker.log(values, state.global_step)
-    tracker.log_histogram("filter/magnitude", m[elig].numpy(), state.global_step)
-    if dup.any():
-        tracker.log_histogram("filter/magnitude_dup", m[dup].numpy(), state.global_step)
+    if elig.any():
+        tracker.log_histogram("filter/magnitude", m[elig].numpy(), state.global_step)
+    if (dup & elig).any():
+        tracker.log_histogram("filter/magnitude_dup", m[dup & elig].numpy(), state.global_step)
     bar.set_postfix(loss=f"{values['train/loss']:.4f}", kept=f"{values['filter/kept_fraction']:.2f}")
