@@ -122,35 +122,27 @@ def filtered_diffusion_step(
         unet: the trainable UNet as the loop calls it (possibly DDP-wrapped).
         noise_scheduler: training noise scheduler (DDPMScheduler); its prediction_type sets the target.
         latents: VAE latents times scaling factor, [B, C, h, w].
-        cond: the prompts' conditioning, the UNet's keyword arguments built by the model family
-            (filtering.conditioning; a bare [B, L, D] tensor is SD's encoder_hidden_states).
+        cond: the prompts' conditioning, the UNet's keyword arguments (a bare [B, L, D] tensor: SD's states).
         uncond: the empty prompt's conditioning, batch 1 or B (SDXL: with the batch's own time ids).
         policy: decides the keep mask from the gathered magnitudes.
         generator: RNG for noise and timesteps (the loop seeds it per rank and step).
-        eligible: [B] bool, samples the policy may judge; default all.
-        is_duplicate: [B] bool duplication ground truth, only gathered for logging; default all False.
-        magnitude_unet: the unwrapped UNet for the extra no-grad forward (avoids DDP bookkeeping);
-            default `unet`.
+        eligible: [B] bool, samples the policy may judge; default all. is_duplicate: [B] bool ground truth, gathered
+            for logging only; default all False.
+        magnitude_unet: the unwrapped UNet for the extra no-grad forward (no DDP bookkeeping); default `unet`.
         snr_gamma: Min-SNR gamma; None for the plain MSE. Default None.
-        noise: diffusers' noise and timestep recipes (train.noise.NoiseArgs; the loop passes its TrainArgs).
-            Default none of them.
+        noise: diffusers' noise and timestep recipes (train.noise.NoiseArgs; the loop's TrainArgs). Default none.
         gather: concatenates a [B, ...] tensor over ranks (accelerator.gather); default identity.
         rank: this rank's index in the gathered tensors. Default 0.
-        autocast: makes the autocast context of each extra forward (accelerator.autocast; the prepared model
-            autocasts itself).
+        autocast: makes the autocast context of each extra forward (the prepared model autocasts itself).
         compute_magnitude: False skips the extra forward (a plain fine-tune: policy `none`, m recorded as NaN).
-        valid: [B] bool, False for filler rows (a rank whose batch lost every sample to bad input runs one
-            filler so that it still joins the all-reduce); never kept, never judged. Default all True.
+        valid: [B] bool, False for filler rows (a rank whose batch lost every sample still joins the all-reduce);
+            never kept, never judged. Default all True.
         pad_to: the full per-rank batch size; smaller batches are padded in the gather. Default B.
-        groups: [B] or [B, G] int64 item ids (filtering.policies.item_groups: caption and image hashes,
-            < 2**48; 0 = none) for policies that gather evidence per item; gathered with the rest. Default all 0.
-        reference: `reference(x_t, t, cond)`, the base model's prediction (no grad). A policy whose null is the
-            base model (`policy.uses_base`) gets the base's loss and magnitude at each judged sample's x_t and t
-            from it (two no-grad forwards: prompt and empty prompt). Default None.
-        anchor: with `reference`, a sample the policy drops is *anchored*: its loss is anchor_weight x
-            ||pred - reference||^2 (keeping what its caption names, never its image; the base's prediction is
-            reused when the policy measured it). False: a dropped sample leaves the loss. Default True.
-        base_rows: [B] bool, the judged samples the base is run on for the policy (policy.base_rows); default all.
+        groups: [B] or [B, G] int64 item ids (filtering.policies.item_groups; < 2**48, 0 = none). Default all 0.
+        reference: `reference(x_t, t, cond)`, the base model's prediction (no grad): a policy with `uses_base` gets
+            the base's loss and magnitude on the judged rows (`base_rows` of them, default all) from it, two forwards.
+        anchor: with `reference`, a dropped sample is *anchored*: its loss is anchor_weight x ||pred - reference||^2
+            (what its caption names, never its image). False: it leaves the loss. Default True.
     """
     b, dev = latents.shape[0], latents.device
     drawn = training_inputs(magnitude_unet or unet, noise_scheduler, latents, generator, noise or NoiseArgs(),
@@ -160,22 +152,22 @@ def filtered_diffusion_step(
     m = (_magnitude(magnitude_unet or unet, noise_scheduler, drawn.noisy, timesteps, uncond, pred, autocast)
          if compute_magnitude else torch.full((b,), float("nan"), device=dev))   # NaN: not measured (policy none)
     per_sample = _weighted_mse(pred, drawn.target, timesteps, noise_scheduler, snr_gamma)   # [B]
-    eligible, is_duplicate, valid = (torch.full((b,), fill, dtype=torch.bool, device=dev) if x is None else x.to(dev)
-                                     for x, fill in ((eligible, True), (is_duplicate, False), (valid, True)))
-    measured = valid & eligible if base_rows is None else valid & eligible & base_rows.to(dev)
+    eligible, is_duplicate, valid, base_rows = (torch.full((b,), fill, dtype=torch.bool, device=dev) if x is None
+                                                else x.to(dev) for x, fill in ((eligible, True), (is_duplicate, False),
+                                                                               (valid, True), (base_rows, True)))
+    measured = valid & eligible & base_rows
     base = _base_signals(policy, reference, drawn, cond, uncond, measured, noise_scheduler, snr_gamma)
+    groups = torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None else groups.to(dev).long().reshape(b, -1)
     local = StepStats(magnitude=m, timestep=timesteps, eligible=eligible, duplicate=is_duplicate, loss=per_sample,
-                      valid=valid, groups=torch.zeros(b, 1, dtype=torch.long, device=dev) if groups is None
-                      else groups.to(dev).long().reshape(b, -1), base_loss=base.loss, base_magnitude=base.magnitude)
+                      valid=valid, groups=groups, base_loss=base.loss, base_magnitude=base.magnitude)
     g, keep = _global_decision(local, policy, gather, rank, max(b, pad_to or b))
     # where() rather than a multiply: a dropped sample's NaN/inf loss cannot leak into the forward sum
     loss_sum = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum()
     anchored_global = 0
-    if reference is not None and anchor:
-        # the same global count on every rank: a dropped row is a valid, judged row the decision did not keep
-        anchored_global = int((g.valid & g.eligible & ~g.keep).sum())
-        loss_sum = loss_sum + anchor_weight * _anchor_loss(pred, drawn, cond, reference, valid & eligible & ~keep,
-                                                           noise_scheduler, snr_gamma, base.pred, measured)
+    if reference is not None and anchor:                 # a dropped row trains toward the base instead
+        anchored_global, anchored = _anchored(g, pred, drawn, cond, reference, valid & eligible & ~keep,
+                                              noise_scheduler, snr_gamma, base, measured)
+        loss_sum = loss_sum + anchor_weight * anchored
     return StepOutput(loss_sum=loss_sum, per_sample_loss=per_sample.detach(), magnitudes=m, timesteps=timesteps,
                       keep=keep, eligible=eligible, stats=g.select(g.valid), kept_global=int(g.keep.sum()),
                       anchored_global=anchored_global, base_loss=base.loss, base_magnitude=base.magnitude)
@@ -196,6 +188,14 @@ def _global_decision(local: StepStats, policy: FilterPolicy, gather, rank: int, 
     g.keep = policy.decide(g.magnitude, g.timestep, g.eligible & g.valid, groups=g.groups, losses=g.loss,
                            base_losses=g.base_loss, base_magnitudes=g.base_magnitude) & g.valid
     return g, g.keep[rank * width:rank * width + b].to(local.magnitude.device)
+
+
+def _anchored(g: StepStats, pred, drawn, cond, reference, rows: torch.Tensor, noise_scheduler,
+              snr_gamma: float | None, base: "BaseSignals", measured: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(the global count of anchored rows, the same on every rank: valid, judged rows the decision did not keep;
+    this rank's anchor loss over `rows`, reusing the base's predictions where it measured them)."""
+    return (int((g.valid & g.eligible & ~g.keep).sum()),
+            _anchor_loss(pred, drawn, cond, reference, rows, noise_scheduler, snr_gamma, base.pred, measured))
 
 
 def _anchor_loss(pred, drawn, cond, reference, rows: torch.Tensor, noise_scheduler,
